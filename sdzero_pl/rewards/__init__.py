@@ -1,0 +1,30 @@
+"""Binary verifiers: ``reward = verifier(completions, answers)``.
+
+Every verifier returns a :class:`RewardBatch`: one reward (1.0 correct, 0.0 wrong) per completion, or ``None``
+where the reference answer itself could not be used (an unparseable gold answer). Callers count and drop those
+rows; they never silently become a 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+
+@dataclass
+class RewardBatch:
+    rewards: list[float | None]
+    skipped: int = 0  # rows whose reference could not be used (reward None)
+    timeouts: int = 0  # rows whose verification ran past the time limit (reward 0.0)
+    errors: list[str | None] = field(default_factory=list)  # per-row reason for a None / timeout, else None
+
+
+class Verifier(Protocol):
+    """A reward function. ``answers`` are whatever the dataset holds as reference (math: a string)."""
+
+    def __call__(self, completions: Sequence[str], answers: Sequence[Any]) -> RewardBatch: ...
+
+
+from sdzero_pl.rewards.math import MathReward, extract_last_boxed  # noqa: E402
+
+__all__ = ["RewardBatch", "Verifier", "MathReward", "extract_last_boxed"]
