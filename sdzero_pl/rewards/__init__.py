@@ -8,7 +8,8 @@ rows; they never silently become a 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
 
 
 @dataclass
@@ -19,10 +20,15 @@ class RewardBatch:
     errors: list[str | None] = field(default_factory=list)  # per-row reason for a None / timeout, else None
 
 
-class Verifier(Protocol):
-    """A reward function. ``answers`` are whatever the dataset holds as reference (math: a string)."""
+class Verifier(ABC):
+    """A reward function, chosen in YAML by ``class_path``. ``answers`` are the dataset's references
+    (math: a string; code: a list of tests)."""
 
+    @abstractmethod
     def __call__(self, completions: Sequence[str], answers: Sequence[Any]) -> RewardBatch: ...
+
+    def close(self) -> None:
+        """Release worker processes, if any."""
 
 
 from sdzero_pl.rewards.math import MathReward, extract_last_boxed  # noqa: E402

@@ -12,7 +12,7 @@ import logging
 import multiprocessing as mp
 from typing import Any, Sequence
 
-from sdzero_pl.rewards import RewardBatch
+from sdzero_pl.rewards import RewardBatch, Verifier
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -72,7 +72,7 @@ def _check_row(gold: str, predicted: str) -> float | None:
     return check_math(gold, predicted)
 
 
-class MathReward:
+class MathReward(Verifier):
     """Binary math reward: last ``\\boxed{}`` wins, no box means 0, compared with math-verify (gold first)."""
 
     def __init__(self, timeout_s: float = 5.0, num_workers: int = 1) -> None:

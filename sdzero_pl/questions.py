@@ -1,0 +1,103 @@
+"""Questions (x, a) from HF ``datasets``: a hub name (+ config, split) or a local JSON / JSONL / Parquet file.
+
+Every row is checked when loaded; a bad one raises an error that names the file, the row (counted from 1) and
+the field, before any generation runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str  # the raw text of x, before the chat template
+    answer: Any  # the reference a (math: a string); never shown to the model
+
+
+class DataError(ValueError):
+    """A data row or file the project cannot use; the message names the file, row and field."""
+
+
+def load_rows(source: str, config: str | None = None, split: str = "train") -> tuple[Any, str]:
+    """A ``datasets.Dataset`` and a human-readable name for it (the file path, or hub name + split)."""
+    import datasets
+
+    suffix = Path(source).suffix.lower()
+    if suffix in LOCAL_FORMATS:
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"dataset file {source!r} does not exist")
+        rows = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=source, split="train")
+        return rows, source
+    rows = datasets.load_dataset(source, config, split=split)
+    return rows, f"{source}[{config or 'default'}:{split}]"
+
+
+def load_questions(
+    source: str,
+    config: str | None = None,
+    split: str = "train",
+    question_field: str = "problem",
+    answer_field: str = "answer",
+    id_field: str | None = None,
+    check_answer: Callable[[Any], str | None] | None = None,
+) -> list[Question]:
+    """All rows of ``source`` as :class:`Question` s, validated. ``check_answer`` returns an error text or None;
+    by default the answer must be a non-empty string (math)."""
+    rows, name = load_rows(source, config, split)
+    for field_name in (question_field, answer_field, id_field):
+        if field_name is not None and field_name not in rows.column_names:
+            raise DataError(f"{name}: no column {field_name!r} (columns: {rows.column_names})")
+    check = check_answer or _string_answer
+    questions = []
+    for index, row in enumerate(rows):
+        where = f"{name}: row {index + 1}"
+        text = row[question_field]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: field {question_field!r} must be a non-empty string, got {text!r}")
+        problem = check(row[answer_field])
+        if problem:
+            raise DataError(f"{where}: field {answer_field!r} {problem}")
+        qid = str(row[id_field]) if id_field is not None else str(index)
+        questions.append(Question(id=qid, question=text, answer=row[answer_field]))
+    if id_field is not None and len({q.id for q in questions}) != len(questions):
+        raise DataError(f"{name}: column {id_field!r} holds duplicate ids")
+    return questions
+
+
+def _string_answer(answer: Any) -> str | None:
+    if not isinstance(answer, str):
+        return f"must be a string, got {type(answer).__name__} {answer!r}"
+    if not answer.strip():
+        return "must not be empty"
+    return None
+
+
+def read_id_file(path: str) -> set[str]:
+    """Question ids from a JSON list or a file with one id per line (Phase 1 writes one of these)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"id file {path!r} does not exist")
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        ids = json.loads(text)
+        if not isinstance(ids, list):
+            raise DataError(f"{path}: expected a JSON list of ids")
+        return {str(i) for i in ids}
+    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
+def select_questions(
+    questions: Sequence[Question], skip_first: int = 0, exclude_ids: set[str] | None = None
+) -> list[Question]:
+    """Questions left after reserving the first ``skip_first`` rows and any excluded ids (Phase 1's share)."""
+    if skip_first < 0:
+        raise ValueError(f"`skip_first` must be >= 0, got {skip_first}")
+    exclude_ids = exclude_ids or set()
+    return [q for q in questions[skip_first:] if q.id not in exclude_ids]

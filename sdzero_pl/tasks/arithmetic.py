@@ -1,0 +1,222 @@
+"""Multi-step integer arithmetic word problems: the verifiable task of the embedded CPU demo.
+
+Not part of the paper (which trains on OpenR1-Math); it stands in for it so that SD-Zero can be run end to end on
+a CPU in minutes with a tiny model trained here (``scripts/train_tiny_base.py``). A problem reads like
+
+    Tom has 7 apples. He buys 5 more and gives away 3. How many apples does he have now?
+
+and its worked solution is one equation per step, then the boxed answer: ``7+5=12. 12-3=9. \\boxed{9}``.
+
+Everything is deterministic from ``(split, seed, settings)``. Splits are disjoint by construction: every problem
+is assigned to exactly one split by a hash of its arithmetic (start value, operations, operands; see
+:func:`split_of`), and a split's generator keeps only the problems assigned to it. Held-out questions therefore
+never share their arithmetic (let alone their text) with any training question, whatever ``n`` and ``seed`` each
+split was generated with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+# Share of the problem space owned by each split (hash partition, see `split_of`).
+SPLIT_SHARES = {"train": 0.70, "phase1": 0.10, "phase2": 0.10, "heldout": 0.10}
+SPLITS = tuple(SPLIT_SHARES)
+
+NAMES = {
+    "Tom": "he", "Sam": "he", "Ben": "he", "Max": "he", "Leo": "he",
+    "Ann": "she", "Mia": "she", "Eva": "she", "Zoe": "she", "Ivy": "she",
+}  # fmt: skip
+ITEMS = ("apples", "coins", "books", "cards", "stamps", "pens", "eggs", "shells", "marbles", "cookies")
+ADD_PHRASES = ("buys {n} more", "finds {n} more", "gets {n} more", "wins {n} more")
+SUB_PHRASES = ("gives away {n}", "loses {n}", "sells {n}", "eats {n}")
+MUL_PHRASES = {2: "doubles them", 3: "triples them"}  # larger factors: "gets {k} times as many"
+MUL_GENERIC = "ends up with {k} times as many"
+OPS = "+-*"
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """Difficulty knobs. The defaults are the settings the embedded base model was trained and measured on."""
+
+    min_steps: int = 2  # operations per problem (inclusive range)
+    max_steps: int = 3
+    max_start: int = 30  # the starting amount is drawn from [1, max_start]
+    max_operand: int = 20  # added / subtracted amounts are drawn from [1, max_operand]
+    max_factor: int = 3  # multiplications use a factor in [2, max_factor]
+    ops: str = "+-"  # allowed operations, a subset of "+-*"
+    max_value: int = 999  # no running total exceeds this (a multiplication that would is redrawn as +/-)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if self.max_start < 1 or self.max_operand < 1:
+            raise ValueError(f"max_start and max_operand must be >= 1, got {self.max_start}, {self.max_operand}")
+        if not self.ops or set(self.ops) - set(OPS):
+            raise ValueError(f"`ops` must be a non-empty subset of {OPS!r}, got {self.ops!r}")
+        if "*" in self.ops and self.max_factor < 2:
+            raise ValueError(f"`max_factor` must be >= 2 when '*' is allowed, got {self.max_factor}")
+        if self.max_value < self.max_start + self.max_operand:
+            raise ValueError(f"`max_value` must be >= max_start + max_operand, got {self.max_value}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    problem: str
+    answer: str
+    solution: str
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+def split_of(key: str) -> str:
+    """The split that owns a problem, from a stable hash of its arithmetic ``key`` (e.g. ``"7+5-3"``)."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    cumulative = 0.0
+    for split, share in SPLIT_SHARES.items():
+        cumulative += share
+        if bucket < cumulative:
+            return split
+    return SPLITS[-1]
+
+
+def _split_rng(split: str, seed: int) -> random.Random:
+    # Not Python's hash(): that is salted per process.
+    digest = hashlib.sha256(f"arithmetic:{split}:{seed}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _draw_steps(rng: random.Random, settings: TaskSettings) -> tuple[int, list[tuple[str, int]]]:
+    """A start value and a list of (op, operand) steps; running totals stay in [0, max_value].
+
+    An operation that cannot apply (a multiplication past ``max_value``, a subtraction from 0, an addition at
+    ``max_value``) is replaced by one that can, so every problem has exactly the drawn number of steps.
+    """
+    start = rng.randint(1, settings.max_start)
+    value, steps = start, []
+    for _ in range(rng.randint(settings.min_steps, settings.max_steps)):
+        op = rng.choice(settings.ops)
+        if op == "*":
+            factor = rng.randint(2, settings.max_factor)
+            if value * factor <= settings.max_value:
+                steps.append(("*", factor))
+                value *= factor
+                continue
+            op = "-"
+        if op == "-" and value == 0:
+            op = "+"
+        elif op == "+" and value == settings.max_value:
+            op = "-"
+        if op == "-":
+            operand = rng.randint(1, min(settings.max_operand, value))
+            value -= operand
+        else:
+            operand = rng.randint(1, min(settings.max_operand, settings.max_value - value))
+            value += operand
+        steps.append((op, operand))
+    return start, steps
+
+
+def _phrase(rng: random.Random, op: str, operand: int) -> str:
+    if op == "+":
+        return rng.choice(ADD_PHRASES).format(n=operand)
+    if op == "-":
+        return rng.choice(SUB_PHRASES).format(n=operand)
+    return MUL_PHRASES.get(operand, MUL_GENERIC).format(k=operand)
+
+
+def render(rng: random.Random, start: int, steps: list[tuple[str, int]]) -> tuple[str, str, str]:
+    """(question, worked solution, answer) for a drawn problem; wording is drawn from ``rng``."""
+    name = rng.choice(sorted(NAMES))
+    pronoun = NAMES[name]
+    item = rng.choice(ITEMS)
+    sentences = [f"{name} has {start} {item}."]
+    i = 0
+    while i < len(steps):  # one or two steps per sentence: "He buys 5 more and gives away 3."
+        take = 2 if i + 1 < len(steps) and rng.random() < 0.5 else 1
+        phrases = [_phrase(rng, op, operand) for op, operand in steps[i : i + take]]
+        sentences.append(f"{pronoun.capitalize()} {' and '.join(phrases)}.")
+        i += take
+    sentences.append(f"How many {item} does {pronoun} have now?")
+
+    equations, value = [], start
+    for op, operand in steps:
+        new = value + operand if op == "+" else value - operand if op == "-" else value * operand
+        equations.append(f"{value}{op}{operand}={new}.")
+        value = new
+    solution = " ".join(equations) + f" \\boxed{{{value}}}"
+    return " ".join(sentences), solution, str(value)
+
+
+def iter_problems(split: str, seed: int = 0, settings: TaskSettings | None = None) -> Iterator[Problem]:
+    """Endless stream of distinct problems owned by ``split``, deterministic from ``(split, seed, settings)``."""
+    if split not in SPLIT_SHARES:
+        raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}")
+    settings = settings or TaskSettings()
+    rng = _split_rng(split, seed)
+    seen: set[str] = set()
+    count = misses = 0
+    while True:
+        start, steps = _draw_steps(rng, settings)
+        key = f"{start}" + "".join(f"{op}{operand}" for op, operand in steps)
+        question, solution, answer = render(rng, start, steps)
+        if split_of(key) != split or question in seen:
+            misses += 1
+            if misses > 1000 * (count + 1):
+                raise RuntimeError(f"split {split!r} ran out of distinct problems after {count}: widen the settings")
+            continue
+        seen.add(question)
+        yield Problem(id=f"arith-{split}-{seed}-{count}", problem=question, answer=answer, solution=solution)
+        count += 1
+
+
+def generate_split(split: str, n: int, seed: int = 0, settings: TaskSettings | None = None) -> list[Problem]:
+    """The first ``n`` problems of ``iter_problems(split, seed, settings)``."""
+    if n < 0:
+        raise ValueError(f"`n` must be >= 0, got {n}")
+    stream = iter_problems(split, seed, settings)
+    return [next(stream) for _ in range(n)]
+
+
+def write_jsonl(problems: list[Problem], path: str | Path) -> Path:
+    """One ``{"id", "problem", "answer", "solution"}`` row per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for p in problems:
+            f.write(json.dumps(p.to_row()) + "\n")
+    return path
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--min_steps`` ... ``--max_value`` flags, one per :class:`TaskSettings` field, same defaults."""
+    defaults = TaskSettings()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name}", type=type(value), default=value, help=f"task difficulty (default {value})")
+
+
+def settings_from_args(args: argparse.Namespace) -> TaskSettings:
+    return TaskSettings(**{name: getattr(args, name) for name in asdict(TaskSettings())})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a split of the arithmetic word-problem task as JSONL.")
+    parser.add_argument("--split", required=True, choices=SPLITS)
+    parser.add_argument("--n", type=int, required=True, help="number of problems")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output .jsonl path")
+    add_settings_arguments(parser)
+    args = parser.parse_args(argv)
+    path = write_jsonl(generate_split(args.split, args.n, args.seed, settings_from_args(args)), args.out)
+    print(f"wrote {args.n} {args.split} problems to {path}")
+
+
+if __name__ == "__main__":
+    main()
