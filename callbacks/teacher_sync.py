@@ -51,7 +51,7 @@ class TeacherSync(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if self.every_n_steps and step != self._last_step and step % self.every_n_steps == 0:
-            self._sync(pl_module)
+            self._sync(pl_module, on_step=True)
         self._last_step = step
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -70,14 +70,14 @@ class TeacherSync(L.Callback):
             return
         self.wait += 1
         if self.wait >= self.patience:
-            self._sync(pl_module)
+            self._sync(pl_module, on_step=False)
             self.wait = 0
             self.best = None  # a new teacher starts a new round: measure its plateau afresh
 
-    def _sync(self, pl_module: L.LightningModule) -> None:
+    def _sync(self, pl_module: L.LightningModule, on_step: bool) -> None:
         pl_module.sync_teacher()
         self.syncs += 1
-        pl_module.log("teacher/syncs", float(self.syncs), on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("teacher/syncs", float(self.syncs), on_step=on_step, on_epoch=not on_step, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"syncs": self.syncs, "best": self.best, "wait": self.wait, "last_step": self._last_step}

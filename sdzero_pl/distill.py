@@ -112,6 +112,14 @@ class SelfDistillModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics, timings = self.distill_loss(batch)
+        n = max(int(metrics.pop("tokens")), 1)
+        self.log_dict(metrics, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log_dict({**timings, "train/tokens": float(n)}, on_step=True, on_epoch=False, batch_size=1)
+        return loss
+
+    def distill_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+        """Steps 3-5 on one micro-batch: (loss to backpropagate, per-token-mean metrics, timings)."""
         hp = self.hparams
         start = time.perf_counter()
         with torch.no_grad():  # 3. the teacher scores the second copy of y
@@ -138,11 +146,9 @@ class SelfDistillModule(L.LightningModule):
             "train/kl_forward": terms["kl_forward"].detach().sum() / n,
             "train/kl_reverse": terms["kl_reverse"].detach().sum() / n,
             "teacher/topk_mass": topk_mass.sum() / n,
+            "tokens": torch.tensor(float(topk_ids.shape[0])),
         }
-        self.log_dict(metrics, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log_dict({"time/teacher_s": teacher_s, "time/student_s": student_s, "train/tokens": float(n)},
-                      on_step=True, on_epoch=False, batch_size=1)
-        return loss
+        return loss, metrics, {"time/teacher_s": teacher_s, "time/student_s": student_s}
 
     @staticmethod
     def _hidden(model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,11 @@ import torch.nn.functional as F
 DIVERGENCES = ("reverse", "forward", "mixed")
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half precision is upcast to float32 for the softmax maths; float64 stays float64 (exactness tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def reverse_kl(student_logps: torch.Tensor, teacher_logps: torch.Tensor) -> torch.Tensor:
     """KL(student || teacher) per row: sum_k p_s (log p_s - log p_t). (N, k), (N, k) -> (N,)"""
     return (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
@@ -50,8 +55,8 @@ def topk_divergence(
     Returns ``{"loss": (N,), "kl_forward": (N,), "kl_reverse": (N,)}``; only "loss" depends on ``divergence``.
     """
     check_divergence(divergence, forward_weight)
-    student_logps = F.log_softmax(student_topk_logits.float(), dim=-1)  # (N, k)
-    teacher_logps = F.log_softmax(teacher_topk_logits.detach().float(), dim=-1)  # (N, k)
+    student_logps = F.log_softmax(_upcast(student_topk_logits), dim=-1)  # (N, k)
+    teacher_logps = F.log_softmax(_upcast(teacher_topk_logits.detach()), dim=-1)  # (N, k)
     kl_forward = forward_kl(student_logps, teacher_logps)  # (N,)
     kl_reverse = reverse_kl(student_logps, teacher_logps)  # (N,)
     if divergence == "reverse":
@@ -69,17 +74,19 @@ def teacher_topk(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids and logits of ``hidden @ weight.T``, chunked over tokens; also the top-k probability mass.
 
-    hidden (N, H), weight (V, H) -> ids (N, k), logits (N, k) float32, mass (N,) = sum of the k full-vocab probs.
+    hidden (N, H), weight (V, H) -> ids (N, k), logits (N, k), mass (N,) = sum of the k full-vocab probs; logits and
+    mass in float32 (float64 for float64 inputs).
     """
     if not 1 <= k <= weight.shape[0]:
         raise ValueError(f"`top_k` must be in [1, vocab size {weight.shape[0]}], got {k}")
     n = hidden.shape[0]
     ids = torch.empty(n, k, dtype=torch.long, device=hidden.device)
-    logits = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
-    mass = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    dtype = _upcast(hidden[:0]).dtype
+    logits = torch.empty(n, k, dtype=dtype, device=hidden.device)
+    mass = torch.empty(n, dtype=dtype, device=hidden.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        full = F.linear(hidden[start:stop], weight).float()  # (n, V), one chunk only
+        full = _upcast(F.linear(hidden[start:stop], weight))  # (n, V), one chunk only
         values, indices = full.topk(k, dim=-1)  # (n, k)
         ids[start:stop], logits[start:stop] = indices, values
         mass[start:stop] = (values.logsumexp(-1) - full.logsumexp(-1)).exp()
@@ -91,11 +98,11 @@ class _GatheredLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, ids, chunk_size):  # (N, H), (V, H), (N, k) -> (N, k)
-        out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
+        out = torch.empty(ids.shape, dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = min(start + chunk_size, hidden.shape[0])
-            rows = F.embedding(ids[start:stop], weight).float()  # (n, k, H)
-            out[start:stop] = torch.einsum("nh,nkh->nk", hidden[start:stop].float(), rows)
+            rows = _upcast(F.embedding(ids[start:stop], weight))  # (n, k, H)
+            out[start:stop] = torch.einsum("nh,nkh->nk", _upcast(hidden[start:stop]), rows)
         ctx.save_for_backward(hidden, weight, ids)
         ctx.chunk_size = chunk_size
         return out
@@ -103,16 +110,16 @@ class _GatheredLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # (N, k)
         hidden, weight, ids = ctx.saved_tensors
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_hidden = _upcast(torch.zeros_like(hidden)) if ctx.needs_input_grad[0] else None
+        grad_weight = _upcast(torch.zeros_like(weight)) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = min(start + ctx.chunk_size, hidden.shape[0])
-            g = grad_out[start:stop].float()  # (n, k)
+            g = _upcast(grad_out[start:stop])  # (n, k)
             if grad_hidden is not None:
-                rows = F.embedding(ids[start:stop], weight).float()  # (n, k, H)
+                rows = _upcast(F.embedding(ids[start:stop], weight))  # (n, k, H)
                 grad_hidden[start:stop] = torch.einsum("nk,nkh->nh", g, rows)
             if grad_weight is not None:
-                h = hidden[start:stop].float()  # (n, H)
+                h = _upcast(hidden[start:stop])  # (n, H)
                 contrib = g.unsqueeze(-1) * h.unsqueeze(1)  # (n, k, H)
                 grad_weight.index_add_(0, ids[start:stop].reshape(-1), contrib.reshape(-1, h.shape[-1]))
         return (
@@ -124,7 +131,7 @@ class _GatheredLogits(torch.autograd.Function):
 
 
 def gathered_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
-    """Student logits at the given ids only, with gradient: (N, H), (V, H), (N, k) -> (N, k) float32."""
+    """Student logits at the given ids only, with gradient: (N, H), (V, H), (N, k) -> (N, k), float32 or float64."""
     return _GatheredLogits.apply(hidden, weight, ids, chunk_size)
 
 

@@ -34,6 +34,7 @@ class EpochData:
     epoch: int
     batches: list[dict]
     stats: dict[str, float]
+    completions: list[str]
 
 
 class _Batches(IterableDataset):
@@ -115,7 +116,8 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.questions: list[Question] | None = None
         self._epoch_data: EpochData | None = None
         self._bound = False  # rollout backend bound to the student
-        self.rollout_stats: dict[str, float] = {}
+        self.rollout_stats: dict[str, float] = {}  # this epoch's rollout metrics, logged by the module
+        self.last_completions: list[str] = []  # this rank's completion texts of the latest epoch (for callbacks)
 
     # ----------------------------------------------------------------------------------------------- questions
     def setup(self, stage: str) -> None:
@@ -152,6 +154,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         if self._epoch_data is None or self._epoch_data.epoch != epoch:
             self._epoch_data = self._generate_epoch(epoch)
             self.rollout_stats = self._epoch_data.stats
+            self.last_completions = self._epoch_data.completions
         return DataLoader(_Batches(self._epoch_data.batches), batch_size=None, num_workers=0)
 
     def _generate_epoch(self, epoch: int) -> EpochData:
@@ -198,7 +201,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             "rollout/generated_tokens": float(sum(len(r.completion_ids) for r in rollouts)),
             "time/generate_s": generate_s,
         }
-        return EpochData(epoch, batches, stats)
+        return EpochData(epoch, batches, stats, completions)
 
     def _batches(self, examples: list[DistillExample], pad_id: int, trainer) -> list[dict]:
         size, accumulate = self.hparams.batch_size, trainer.accumulate_grad_batches

@@ -26,18 +26,44 @@ class DataError(ValueError):
     """A data row or file the project cannot use; the message names the file, row and field."""
 
 
-def load_rows(source: str, config: str | None = None, split: str = "train") -> tuple[Any, str]:
-    """A ``datasets.Dataset`` and a human-readable name for it (the file path, or hub name + split)."""
-    import datasets
+def load_rows(source: str, config: str | None = None, split: str = "train") -> tuple[list[dict], str]:
+    """The rows of a dataset as dicts, and a human-readable name for it (the file path, or hub name + split).
 
+    Local JSON / JSONL are read with the ``json`` module, so values keep their exact types (Arrow's type
+    inference would turn an answer "1" into the integer 1 when another row holds an integer); Parquet and hub
+    datasets go through ``datasets``.
+    """
     suffix = Path(source).suffix.lower()
     if suffix in LOCAL_FORMATS:
         if not os.path.isfile(source):
             raise FileNotFoundError(f"dataset file {source!r} does not exist")
-        rows = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=source, split="train")
-        return rows, source
-    rows = datasets.load_dataset(source, config, split=split)
-    return rows, f"{source}[{config or 'default'}:{split}]"
+        if suffix == ".parquet":
+            import datasets
+
+            return list(datasets.load_dataset("parquet", data_files=source, split="train")), source
+        return _read_json_rows(source), source
+    import datasets
+
+    return list(datasets.load_dataset(source, config, split=split)), f"{source}[{config or 'default'}:{split}]"
+
+
+def _read_json_rows(path: str) -> list[dict]:
+    text = Path(path).read_text(encoding="utf-8")
+    if path.lower().endswith(".json") and text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {line_number}: not valid JSON ({err.msg})") from None
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {index + 1}: expected a JSON object, got {type(row).__name__}")
+    return rows
 
 
 def load_questions(
@@ -52,13 +78,13 @@ def load_questions(
     """All rows of ``source`` as :class:`Question` s, validated. ``check_answer`` returns an error text or None;
     by default the answer must be a non-empty string (math)."""
     rows, name = load_rows(source, config, split)
-    for field_name in (question_field, answer_field, id_field):
-        if field_name is not None and field_name not in rows.column_names:
-            raise DataError(f"{name}: no column {field_name!r} (columns: {rows.column_names})")
     check = check_answer or _string_answer
     questions = []
     for index, row in enumerate(rows):
         where = f"{name}: row {index + 1}"
+        for field_name in (question_field, answer_field, id_field):
+            if field_name is not None and field_name not in row:
+                raise DataError(f"{where}: missing field {field_name!r} (fields: {sorted(row)})")
         text = row[question_field]
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: field {question_field!r} must be a non-empty string, got {text!r}")

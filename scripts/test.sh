@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test suite, from a fresh clone: bash scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh "${SDZERO_TEST_EXTRAS:-test}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+set +e
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then  # pytest: no tests collected (e.g. a -k filter that matches nothing)
+  echo "no tests were collected"
+  rc=0
+fi
+exit "$rc"

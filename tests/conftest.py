@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny random Qwen3-style model + ChatML tokenizer saved once per run, loaded through the real
+``from_pretrained`` path; a small question file. No test touches the network."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from sdzero_pl.tiny import save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A random tiny Qwen3 (hidden 64, 2 layers, head_dim 32) and its tokenizer, as an HF directory."""
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def questions_file(tmp_path_factory) -> str:
+    """32 one-step sums as JSONL rows {"id", "problem", "answer"}."""
+    path = tmp_path_factory.mktemp("data") / "questions.jsonl"
+    with open(path, "w") as handle:
+        for i in range(32):
+            handle.write(json.dumps({"id": f"q{i}", "problem": f"What is {i}+{i + 1}?", "answer": str(2 * i + 1)}) + "\n")
+    return str(path)
