@@ -1,10 +1,13 @@
 """Check a dataset's rows with the project's verifiers, the same code the training reward runs.
 
     python -m sdzero_pl.verify math ROWS.jsonl > scored.jsonl
+    python -m sdzero_pl.verify code ROWS.jsonl > scored.jsonl
 
-Each input line is a JSON object ``{"completion": ..., "answer": ...}``; each is written back to stdout with a
-``"reward"`` field (0 or 1). Rows whose reference cannot be used get ``"reward": 0`` and a ``"reward_error"``;
-a summary goes to stderr. A malformed row stops the run with an error naming its line number.
+Each input line is a JSON object ``{"completion": ..., "answer": ...}`` (code: ``{"completion": ..., "tests":
+[{"input": ..., "output": ...}, ...]}`` and an optional ``"language"`` that overrides the code fence's); each is
+written back to stdout with a ``"reward"`` field (0 or 1). Rows whose reference cannot be used get
+``"reward": 0`` and a ``"reward_error"``; a summary goes to stderr. A malformed row stops the run with an error
+naming its line number.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sdzero_pl.rewards import MathReward, RewardBatch, Verifier
+from sdzero_pl.rewards.code import LANGUAGES, CodeReward, check_tests
 
 
 class RowError(ValueError):
@@ -92,6 +96,29 @@ def _math(args: argparse.Namespace) -> dict[str, int]:
         verifier.close()
 
 
+def _code(args: argparse.Namespace) -> dict[str, int]:
+    required = {"completion": str, "tests": list}
+    for line_number, row in read_rows(args.rows, required):  # a first pass, so errors name the line
+        try:
+            check_tests(row["tests"], f"{args.rows}:{line_number}: field 'tests'")
+        except TypeError as err:
+            raise RowError(str(err)) from None
+        language = row.get("language")
+        if language is not None and (not isinstance(language, str) or language.lower() not in LANGUAGES):
+            known = sorted(k for k in LANGUAGES if k)
+            raise RowError(f"{args.rows}:{line_number}: field 'language' must be one of {known}, got {language!r}")
+    verifier = CodeReward(time_limit_s=args.time_limit, num_workers=args.workers, memory_mb=args.memory_mb)
+    print(verifier.protections.summary(), file=sys.stderr)
+
+    def with_language(completions: list[str], answers: list[tuple[list, str | None]]) -> RewardBatch:
+        return verifier(completions, [tests for tests, _ in answers], [language for _, language in answers])
+
+    try:
+        return score_file(args.rows, with_language, required, lambda r: (r["tests"], r.get("language")))
+    finally:
+        verifier.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sdzero_pl.verify", description=__doc__.split("\n\n")[0])
     domains = parser.add_subparsers(dest="domain", required=True)
@@ -99,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     math.add_argument("rows", type=Path, help="JSONL file of rows")
     math.add_argument("--timeout", type=float, default=5.0, help="seconds per check (default 5)")
     math.set_defaults(run=_math)
+    code = domains.add_parser("code", help='rows {"completion": str, "tests": [{"input", "output"}]}; last code block')
+    code.add_argument("rows", type=Path, help="JSONL file of rows")
+    code.add_argument("--time-limit", type=float, default=2.0, help="wall-clock seconds per test (default 2)")
+    code.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
+    code.add_argument("--workers", type=int, default=4, help="programs verified at once (default 4)")
+    code.set_defaults(run=_code)
     return parser
 
 

@@ -31,6 +31,7 @@ class Verifier(ABC):
         """Release worker processes, if any."""
 
 
+from sdzero_pl.rewards.code import CodeReward, extract_code  # noqa: E402
 from sdzero_pl.rewards.math import MathReward, extract_last_boxed  # noqa: E402
 
-__all__ = ["RewardBatch", "Verifier", "MathReward", "extract_last_boxed"]
+__all__ = ["RewardBatch", "Verifier", "MathReward", "CodeReward", "extract_last_boxed", "extract_code"]

@@ -1,0 +1,472 @@
+"""A process sandbox for model-written programs (the code reward of SPEC "Data and verification").
+
+Every run is a fresh process tree in its own session with resource limits (CPU, address space, file size, processes,
+open files, no core dumps), a scrubbed environment, stdin from a file, and stdout read with a cap. Where the OS
+allows, more holds (see :class:`Protections` and docs/code_verifier.md):
+
+- namespaces (root, or a user namespace when not root): each run gets new mount, network, IPC and PID namespaces.
+  No network (only a loopback that is down); the program cannot see or signal any process outside its run, and
+  everything it starts dies with it (the PID namespace's init is killed). Runs as ``launcher -> init -> program``:
+  the launcher stays in the host namespace to report the exit status and to kill ``init`` on SIGTERM.
+- private scratch: a size-capped tmpfs over /tmp, /var/tmp, /dev/shm and /run/lock, which is also the program's
+  cwd; files written there vanish with the run and cannot fill the disk or RAM past ``scratch_mb``.
+- private /proc: a /proc that lists only the run's own processes.
+- uid switch (root only): the program runs under a uid leased from a pool (flock-ed, so concurrent runs, threads
+  and processes never share one). RLIMIT_NPROC then counts only this run's processes (it is not enforced for
+  root), files readable only by root or by other users stay closed, and signals to any other process fail (EPERM).
+
+Programs and the interpreter are reached through inherited directory descriptors (``/proc/self/fd/N/...``), so the
+sandboxed uid needs no search permission on their directories (a pyenv Python under a 0700 /root still runs).
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import logging
+import math
+import os
+import random
+import resource
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_LIBC.unshare.argtypes = [ctypes.c_int]
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+SCRATCH = "/tmp"
+_SCRATCH_ALIASES = ("/var/tmp", "/dev/shm", "/run/lock")  # other world-writable places, bound to the scratch
+_PATH = "/usr/local/bin:/usr/bin:/bin"
+_INIT_FAILED = 125  # exit status of a run whose sandbox could not be set up inside the namespaces
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run limits. ``time_limit_s`` is wall-clock; RLIMIT_CPU backs it up one second later."""
+
+    time_limit_s: float = 2.0
+    memory_mb: int = 1024  # RLIMIT_AS (address space, so a little stricter than a judge's RSS limit)
+    file_size_mb: int = 16  # RLIMIT_FSIZE: largest file the program may write
+    scratch_mb: int = 64  # size of the private tmpfs (cwd, /tmp, /dev/shm), where it holds
+    max_output_bytes: int = 8 << 20  # stdout beyond this kills the run
+    max_processes: int = 32  # RLIMIT_NPROC (threads count too)
+    max_open_files: int = 64  # RLIMIT_NOFILE
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if not value > 0:
+                raise ValueError(f"`{name}` must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class Protections:
+    """Which protections hold on this host (found when a :class:`SandboxRuntime` starts)."""
+
+    namespaces: bool  # new mount/net/IPC/PID namespaces per run: no network, no view of other processes
+    user_namespace: bool  # the namespaces sit in a new user namespace (not root)
+    private_scratch: bool  # size-capped private tmpfs as cwd, /tmp, /var/tmp, /dev/shm, /run/lock
+    private_proc: bool  # /proc shows only the run's own processes
+    uid_switch: bool  # the program runs under a leased unprivileged uid (root only)
+
+    def summary(self) -> str:
+        held = [name for name, value in self.__dict__.items() if value]
+        return "sandbox protections: " + (", ".join(held) if held else "rlimits and process groups only")
+
+
+@dataclass
+class RunResult:
+    status: str  # "ok" | "exit" (non-zero status) | "timeout" | "output_limit"
+    returncode: int | None
+    stdout: bytes
+    seconds: float
+
+
+class SandboxRuntime:
+    """Per-process state of the sandbox: the base directory, the uid pool, the interpreter and the protections.
+
+    Not picklable (it holds descriptors); each process builds its own with :func:`runtime`.
+    """
+
+    def __init__(self, uid_base: int = 62000, uid_count: int = 512, python_executable: str | None = None) -> None:
+        if uid_base < 1:
+            raise ValueError(f"`uid_base` must be >= 1, got {uid_base}")
+        if uid_count < 1:
+            raise ValueError(f"`uid_count` must be >= 1, got {uid_count}")
+        self.uid_base, self.uid_count = uid_base, uid_count
+        # A fixed host path (not $TMPDIR): the uid locks must be shared by every job and rank on the host.
+        self.base_dir = _private_dir(Path("/tmp") / f"sdzero-sandbox-{os.geteuid()}")
+        self.lock_dir = _private_dir(self.base_dir / "uid-locks")
+        real = os.path.realpath(python_executable or sys.executable)
+        prefix = os.path.dirname(os.path.dirname(real))
+        self._python_fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._python_rel = os.path.relpath(real, prefix)
+        self.scratch_aliases = tuple(p for p in _SCRATCH_ALIASES if os.path.isdir(p))
+        self.protections = Protections(False, False, False, False, False)
+        self.protections = _probe(self)
+
+    def python_argv(self) -> list[str]:
+        """The interpreter, isolated (``-I``: no user site, no PYTHON* variables, no script dir on sys.path)."""
+        return [f"/proc/self/fd/{self._python_fd}/{self._python_rel}", "-I", "-B"]
+
+    def lease_uid(self) -> tuple[int, int]:
+        """A free uid of the pool and the descriptor whose flock holds it (close it to give the uid back)."""
+        start = random.randrange(self.uid_count)
+        for k in range(self.uid_count):
+            uid = self.uid_base + (start + k) % self.uid_count
+            fd = os.open(self.lock_dir / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return uid, fd
+            except BlockingIOError:
+                os.close(fd)
+        raise RuntimeError(f"all {self.uid_count} sandbox uids from {self.uid_base} are in use; raise `uid_count`")
+
+
+@functools.lru_cache(maxsize=None)
+def runtime(uid_base: int = 62000, uid_count: int = 512, python_executable: str | None = None) -> SandboxRuntime:
+    """The process-wide :class:`SandboxRuntime` for these settings (probed once)."""
+    return SandboxRuntime(uid_base, uid_count, python_executable)
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"sandbox directory {path} must be a directory owned by uid {os.geteuid()}, mode 0700")
+    return path
+
+
+class Sandbox:
+    """One program's sandbox: a private directory for its files and, as root, a leased uid. A context manager."""
+
+    def __init__(self, rt: SandboxRuntime) -> None:
+        self.rt = rt
+        self.dir = Path(tempfile.mkdtemp(prefix="run-", dir=rt.base_dir))
+        os.chmod(self.dir, 0o711)  # the sandboxed uid may open known names, never list or write
+        self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.uid, self._lease_fd = rt.lease_uid() if rt.protections.uid_switch else (None, None)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        os.close(self._dir_fd)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.uid is not None and not self.rt.protections.namespaces:
+            _sweep_uid(self.uid, self.rt.scratch_aliases + (SCRATCH,))
+        if self._lease_fd is not None:
+            os.close(self._lease_fd)
+            self._lease_fd = None
+
+    def add_file(self, name: str, data: bytes, mode: int = 0o644) -> str:
+        """Write ``name`` (root-owned, read-only to the program); return the path the program opens it by."""
+        path = self.dir / name
+        with open(path, "wb") as handle:
+            handle.write(data)
+        os.chmod(path, mode)
+        return self.path(name)
+
+    def path(self, name: str) -> str:
+        return f"/proc/self/fd/{self._dir_fd}/{name}"
+
+    def run(
+        self, argv: Sequence[str], stdin: bytes, limits: Limits, export: str | None = None, capture_stderr: bool = False
+    ) -> RunResult:
+        """Run ``argv`` in the sandbox; stderr is discarded unless ``capture_stderr`` (then it joins stdout).
+
+        With ``export``, the run gets a writable directory (its path replaces ``{export_dir}`` in ``argv``) and the
+        file ``export`` it leaves there is copied into the sandbox directory as a root-owned executable (the
+        compiler's output); :class:`ExportMissing` if there is none."""
+        export_dir = export_fd = None
+        if export is not None:
+            export_dir = Path(tempfile.mkdtemp(prefix="export-", dir=self.rt.base_dir))
+            if self.uid is not None:
+                os.chown(export_dir, self.uid, self.uid)
+            export_fd = os.open(export_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            argv = [a.replace("{export_dir}", f"/proc/self/fd/{export_fd}") for a in argv]
+        try:
+            result = self._run(argv, stdin, limits, [fd for fd in (export_fd,) if fd is not None], capture_stderr)
+            if export_dir is not None and result.status == "ok":
+                self._import_export(export_dir, export, limits)
+            return result
+        finally:
+            if export_fd is not None:
+                os.close(export_fd)
+                shutil.rmtree(export_dir, ignore_errors=True)
+
+    def _import_export(self, export_dir: Path, name: str, limits: Limits) -> None:
+        # The program owned that directory: never follow a link it may have planted, cap what is copied.
+        try:
+            fd = os.open(export_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            raise ExportMissing(f"{name} was not produced ({err.strerror})") from None
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ExportMissing(f"{name} is not a regular file")
+            data = handle.read(limits.file_size_mb << 20)
+        self.add_file(name, data, mode=0o755)
+
+    def _run(
+        self, argv: Sequence[str], stdin: bytes, limits: Limits, extra_fds: list[int], capture_stderr: bool
+    ) -> RunResult:
+        prot = self.rt.protections
+        home = SCRATCH if prot.private_scratch or prot.uid_switch else str(self.dir)
+        env = {"PATH": _PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home, "TMPDIR": home,
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        own_count = prot.uid_switch or (prot.user_namespace and _nproc_counts_per_user_namespace())
+        nproc = limits.max_processes if own_count else _plain_nproc(limits)
+        preexec = _preexec(prot, limits, nproc, self.uid, self.rt.scratch_aliases)
+        with tempfile.TemporaryFile(dir=self.rt.base_dir) as stdin_file:
+            stdin_file.write(stdin)
+            stdin_file.seek(0)
+            start = time.monotonic()
+            proc = subprocess.Popen(
+                list(argv), stdin=stdin_file, stdout=subprocess.PIPE, cwd=self.dir,
+                stderr=subprocess.STDOUT if capture_stderr else subprocess.DEVNULL,
+                env=env, pass_fds=[self.rt._python_fd, self._dir_fd, *extra_fds], preexec_fn=preexec,
+                start_new_session=True,
+            )
+        try:
+            stdout, status = _read_capped(proc, start + limits.time_limit_s, limits.max_output_bytes)
+        finally:
+            _stop(proc, prot.namespaces)
+        if status == "ok" and proc.returncode != 0:
+            status = "exit"
+        return RunResult(status, proc.returncode, stdout, time.monotonic() - start)
+
+
+class ExportMissing(RuntimeError):
+    """The run exited cleanly but did not leave the file it was to export (a compiler that wrote nothing)."""
+
+
+def _nproc_counts_per_user_namespace() -> bool:
+    # Linux >= 5.14 counts RLIMIT_NPROC per user namespace, so a new one starts from zero.
+    release = tuple(int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
+    return release >= (5, 14)
+
+
+def _plain_nproc(limits: Limits) -> int:
+    # Without a uid of its own the program shares RLIMIT_NPROC's count with every task of our uid.
+    uid, tasks = os.getuid(), 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    tasks += len(os.listdir(f"/proc/{entry.name}/task"))
+            except OSError:
+                continue
+    return tasks + limits.max_processes
+
+
+def _sweep_uid(uid: int, shared_dirs: Sequence[str]) -> None:
+    """Without namespaces: kill every process of the leased uid (a program may have left its process group) and
+    remove what it left in the world-writable directories."""
+    pid = os.fork()
+    if pid == 0:  # as that uid, kill(-1) reaches exactly its processes
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    for directory in shared_dirs:
+        for entry in os.scandir(directory):
+            if entry.stat(follow_symlinks=False).st_uid != uid:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+
+
+def _read_capped(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, str]:
+    """stdout until EOF and exit, or until the deadline / the output cap is hit.
+
+    The run ends when the (launcher) process exits, even if something it left behind still holds stdout."""
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    chunks, size = [], 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return b"".join(chunks), "timeout"
+        exited = proc.poll() is not None
+        if poller.poll(0 if exited else math.ceil(min(remaining, 0.1) * 1000)):
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                break
+            if data:
+                size += len(data)
+                if size > cap:
+                    return b"".join(chunks), "output_limit"
+                chunks.append(data)
+                continue
+        if exited:
+            break
+    try:
+        proc.wait(timeout=max(deadline - time.monotonic(), 0.001))
+    except subprocess.TimeoutExpired:
+        return b"".join(chunks), "timeout"
+    return b"".join(chunks), "ok"
+
+
+def _stop(proc: subprocess.Popen, namespaced: bool) -> None:
+    """Kill whatever is left of a run and reap it."""
+    if namespaced and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)  # the launcher kills init; the PID namespace dies with it
+        try:
+            proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    proc.stdout.close()
+
+
+# ----------------------------------------------------------------------------------------- child side (preexec)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _preexec(prot: Protections, limits: Limits, nproc: int, uid: int | None, aliases: Sequence[str]) -> Callable:
+    """The function the forked child runs before exec. Everything it needs is computed here, in the parent."""
+    flags = 0
+    if prot.namespaces:
+        flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWPID | (CLONE_NEWUSER if prot.user_namespace else 0)
+    scratch_opts = f"size={limits.scratch_mb}m,mode=0700" + (f",uid={uid},gid={uid}" if uid is not None else "")
+    cpu = math.ceil(limits.time_limit_s) + 1
+    rlimits = [
+        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+        (resource.RLIMIT_STACK, (min(limits.memory_mb, 256) << 20,) * 2),
+        (resource.RLIMIT_FSIZE, (limits.file_size_mb << 20,) * 2),
+        (resource.RLIMIT_NPROC, (nproc, nproc)),
+        (resource.RLIMIT_NOFILE, (limits.max_open_files,) * 2),
+        (resource.RLIMIT_CORE, (0, 0)),
+        (resource.RLIMIT_AS, (limits.memory_mb << 20,) * 2),
+    ]
+    cwd = SCRATCH if prot.private_scratch else None
+
+    def enter_program() -> None:
+        if cwd is not None:
+            os.chdir(cwd)
+        if uid is not None:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        for which, value in rlimits:  # RLIMIT_AS last: this forked copy of the parent may be larger
+            resource.setrlimit(which, value)
+
+    def preexec() -> None:
+        if not flags:
+            return enter_program()
+        _check(_LIBC.unshare(flags), "unshare")
+        if prot.private_scratch:
+            _check(_LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+            opts = scratch_opts.encode()
+            _check(_LIBC.mount(b"tmpfs", SCRATCH.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts), "mount scratch")
+            for alias in aliases:
+                _check(_LIBC.mount(SCRATCH.encode(), alias.encode(), None, MS_BIND, None), f"bind {alias}")
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        init = os.fork()
+        if init:
+            _launcher(init)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        try:
+            if prot.private_proc:
+                _check(_LIBC.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mount proc")
+            program = os.fork()
+        except BaseException:
+            os._exit(_INIT_FAILED)
+        if program:
+            _init(program)
+        enter_program()
+
+    return preexec
+
+
+def _launcher(init: int) -> None:
+    """Host-side parent of the PID namespace: SIGTERM kills its init (and so the whole run); passes the status on."""
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(init, signal.SIGKILL))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    os.closerange(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # incl. stdout: EOF comes from the program
+    _, status = os.waitpid(init, 0)
+    os._exit(_exit_code(status))
+
+
+def _init(program: int) -> None:
+    """PID 1 of the run: reaps orphans until the program exits; its exit kills everything left in the namespace."""
+    os.closerange(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid == program:
+            os._exit(_exit_code(status))
+
+
+def _exit_code(status: int) -> int:
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+# ------------------------------------------------------------------------------------------------------ probe
+
+
+def _probe(rt: SandboxRuntime) -> Protections:
+    """The strongest set of protections under which a trivial Python program runs here."""
+    root = os.geteuid() == 0
+    full = Protections(True, not root, True, True, root)
+    candidates = [
+        full,
+        replace(full, private_proc=False),
+        replace(full, private_proc=False, private_scratch=False),
+        Protections(False, False, False, False, root),
+        Protections(False, False, False, False, False),
+    ]
+    failures = []
+    for prot in dict.fromkeys(candidates):
+        rt.protections = prot
+        try:
+            with Sandbox(rt) as box:
+                argv = rt.python_argv() + ["-c", "import sys; sys.stdout.write('ok')"]
+                result = box.run(argv, b"", Limits(time_limit_s=10.0, memory_mb=512))
+            if result.status == "ok" and result.stdout == b"ok":
+                (logger.info if prot == full else logger.warning)(prot.summary())
+                return prot
+            failures.append(f"{prot}: {result.status} {result.returncode}")
+        except (OSError, subprocess.SubprocessError) as err:
+            failures.append(f"{prot}: {err}")
+    raise RuntimeError(
+        "no sandbox configuration can run the interpreter "
+        f"{os.path.join('<prefix>', rt._python_rel)} (set `python_executable`): " + "; ".join(failures)
+    )
