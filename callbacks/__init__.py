@@ -4,3 +4,9 @@
 from callbacks.teacher_sync import TeacherSync
 
 __all__ = ["TeacherSync"]
+
+from callbacks.behaviour import RolloutBehaviourLogger  # noqa: E402
+from callbacks.self_localization import SelfLocalizationLogger  # noqa: E402
+from sdzero_pl.evaluate import BenchmarkEval  # noqa: E402  (defined next to the evaluation it runs)
+
+__all__ += ["RolloutBehaviourLogger", "SelfLocalizationLogger", "BenchmarkEval"]
