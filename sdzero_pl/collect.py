@@ -180,7 +180,7 @@ def read_trace_file(path: str | os.PathLike) -> TraceFile:
     return state
 
 
-def _append(path: Path, records: Sequence[dict]) -> None:
+def append_records(path: Path, records: Sequence[dict]) -> None:
     """Append records as JSON lines in one write, then flush and fsync: durable before the next chunk starts."""
     blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     with open(path, "ab") as handle:
@@ -262,9 +262,9 @@ class TraceCollector:
         if target_traces is not None and target_traces < 1:
             raise ValueError(f"`--data.target_traces` must be >= 1 or null, got {target_traces}")
         path = Path(path)
-        header = {"kind": "header", "version": FORMAT_VERSION,
+        header = {"kind": "header", "version": FORMAT_VERSION, "method": "srt",
                   "settings": self.settings(questions, target_traces, extra_settings)}
-        state = self._open(path, header, recollect)
+        state = open_collection(path, header, recollect)
         totals = summarize(state)
         _record_budget(ledger, totals)
         bar = tqdm(total=len(questions), initial=totals["questions"], unit="question", desc="SRT traces",
@@ -277,13 +277,13 @@ class TraceCollector:
                 if reason is not None:
                     state.finished = {"kind": "finished", "questions": totals["questions"], "traces": totals["kept"],
                                       "reason": reason}
-                    _append(path, [state.finished])
+                    append_records(path, [state.finished])
                     break
                 if prepare is not None:
                     prepare()
                     prepare = None
                 records = self._chunk(state.chunks, questions[start : start + self.chunk_size], start, source)
-                _append(path, records)
+                append_records(path, records)
                 for key, value in records[-1].items():
                     if key in totals:
                         totals[key] += value
@@ -295,30 +295,6 @@ class TraceCollector:
         finally:
             bar.close()
         return read_trace_file(path)
-
-    def _open(self, path: Path, header: dict, recollect: bool) -> TraceFile:
-        """The file's complete part, after checking its settings; a fresh file (header only) if there is none."""
-        if path.exists() and recollect:
-            rank_zero_info(f"{path}: `recollect` is set, starting the collection over")
-            path.unlink()
-        state = read_trace_file(path) if path.exists() else None
-        if state is None or (state.header is None and not state.records):  # absent, empty or a torn header
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"")
-            _append(path, [header])
-            return read_trace_file(path)
-        if state.header is None:
-            raise DataError(f"{path}: not a collected trace file (no header line); pass it as `--data.extra_traces_file`")
-        old, new = state.header.get("settings", {}), header["settings"]
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-            raise ValueError(f"{path} was collected with other settings ({diff}); set `--data.recollect=true` to "
-                             "start over, or choose another `--data.output_dir`")
-        if state.finished is not None:
-            rank_zero_info(f"{path}: finished collection reused ({state.finished['traces']} traces); "
-                           "`--data.recollect=true` starts over")
-            return state
         if state.valid_bytes < state.total_bytes:
             log.warning("%s: dropping %d bytes of an interrupted chunk", path, state.total_bytes - state.valid_bytes)
             with open(path, "r+b") as handle:
@@ -466,3 +442,39 @@ def trace_stats(traces: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Counts of kept traces by branch (init reward)."""
     right = sum(1 for t in traces if (t.get("init_reward") or 0.0) >= 0.5)
     return {"traces": len(traces), "traces_init_correct": right, "traces_init_wrong": len(traces) - right}
+
+
+def open_collection(path: Path, header: dict, recollect: bool) -> TraceFile:
+    """The file's complete part, after checking its method and settings; a fresh file (header only) if there is
+    none. A partial file is truncated to its last complete chunk (a torn line from kill -9 included)."""
+    if path.exists() and recollect:
+        rank_zero_info(f"{path}: `recollect` is set, starting the collection over")
+        path.unlink()
+    state = read_trace_file(path) if path.exists() else None
+    if state is None or (state.header is None and not state.records):  # absent, empty or a torn header
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        append_records(path, [header])
+        return read_trace_file(path)
+    if state.header is None:
+        raise DataError(f"{path}: not a collected file (no header line); a handcrafted trace file goes to "
+                        "`--data.extra_traces_file`")
+    if state.header.get("method", "srt") != header.get("method", "srt"):
+        raise DataError(f"{path}: a {state.header.get('method', 'srt')!r} collection, not {header.get('method', 'srt')!r}")
+    old, new = state.header.get("settings", {}), header["settings"]
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ValueError(f"{path} was collected with other settings ({diff}); set `--data.recollect=true` to "
+                         "start over, or choose another `--data.output_dir`")
+    if state.finished is not None:
+        rank_zero_info(f"{path}: finished collection reused; `--data.recollect=true` starts over")
+        return state
+    if state.valid_bytes < state.total_bytes:
+        log.warning("%s: dropping %d bytes of an interrupted chunk", path, state.total_bytes - state.valid_bytes)
+        with open(path, "r+b") as handle:
+            handle.truncate(state.valid_bytes)
+            handle.flush()
+            os.fsync(handle.fileno())
+    rank_zero_info(f"{path}: resuming the collection at chunk {state.chunks}")
+    return state

@@ -37,18 +37,25 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from sdzero_pl.budget import BudgetLedger
-from sdzero_pl.collect import TraceFile, _append, chunk_seed, read_trace_file, trim_repeating_tail
+from sdzero_pl.collect import (
+    FORMAT_VERSION,
+    TraceFile,
+    append_records,
+    chunk_seed,
+    open_collection,
+    read_trace_file,
+    trim_repeating_tail,
+)
 from sdzero_pl.optim import total_optimizer_steps
 from sdzero_pl.prompts import render_prompt, stop_token_ids
 from sdzero_pl.questions import LOCAL_FORMATS, DataError, Question, load_questions, select_questions
 from sdzero_pl.rewards import MathReward, Verifier
 from sdzero_pl.rollout import RolloutBackend, HFRollout
 from sdzero_pl.sequences import strip_stop
-from sdzero_pl.srt import SRTExample, _MicroBatches, build_srt_example
+from sdzero_pl.srt import SRTExample, MicroBatches, build_srt_example
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 TOTALS = ("questions", "generations", "tokens", "correct", "kept", "unverifiable", "verify_timeouts")
 
 
@@ -97,13 +104,13 @@ class SampleCollector:
                 start = state.chunks * self.chunk_size
                 if start >= len(questions):
                     state.finished = {"kind": "finished", "questions": totals["questions"], "kept": totals["kept"]}
-                    _append(path, [state.finished])
+                    append_records(path, [state.finished])
                     break
                 if prepare is not None:
                     prepare()
                     prepare = None
                 records = self._chunk(state.chunks, questions[start : start + self.chunk_size], start, source)
-                _append(path, records)
+                append_records(path, records)
                 for key in TOTALS:
                     totals[key] += records[-1][key]
                 state.chunks += 1
@@ -149,36 +156,6 @@ class SampleCollector:
                         "kept": sum(r["kind"] == "sample" for r in records), "unverifiable": unverifiable,
                         "verify_timeouts": verdict.timeouts})
         return records
-
-
-def open_collection(path: Path, header: dict, recollect: bool) -> TraceFile:
-    """The file's complete part after checking its settings; a fresh file (header only) if there is none.
-    Same rules as Phase 1's collector (:meth:`sdzero_pl.collect.TraceCollector._open`)."""
-    if path.exists() and recollect:
-        log.info("%s: `recollect` is set, starting the collection over", path)
-        path.unlink()
-    state = read_trace_file(path) if path.exists() else None
-    if state is None or (state.header is None and not state.records):  # absent, empty or a torn header
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
-        _append(path, [header])
-        return read_trace_file(path)
-    if state.header is None or state.header.get("method") != "rft":
-        raise DataError(f"{path}: not an RFT sample file (no RFT header line)")
-    old, new = state.header.get("settings", {}), header["settings"]
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if changed:
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise ValueError(f"{path} was collected with other settings ({diff}); set `--data.recollect=true` to start "
-                         "over, or choose another `--data.output_dir`")
-    if state.finished is None and state.valid_bytes < state.total_bytes:
-        log.warning("%s: dropping %d bytes of an interrupted chunk; resuming at chunk %d", path,
-                    state.total_bytes - state.valid_bytes, state.chunks)
-        with open(path, "r+b") as handle:
-            handle.truncate(state.valid_bytes)
-            handle.flush()
-            os.fsync(handle.fileno())
-    return state
 
 
 def summarize(state: TraceFile) -> dict[str, int]:
@@ -402,7 +379,7 @@ class RFTDataModule(L.LightningDataModule):
         epoch = self.trainer.current_epoch
         if self._epoch_plan is None or self._epoch_plan[0] != epoch:
             pad_id = self.trainer.lightning_module.tokenizer.pad_token_id
-            batches = _MicroBatches(self._plan(epoch), self.examples, pad_id)
+            batches = MicroBatches(self._plan(epoch), self.examples, pad_id)
             self._epoch_plan = (epoch, DataLoader(batches, batch_size=None, num_workers=0))
         return self._epoch_plan[1]
 

@@ -307,7 +307,7 @@ def staged_lr_factor(step: int, stage_steps: Sequence[int], warmup_steps: int, w
 
 
 # --------------------------------------------------------------------------------------------- the data module
-class _MicroBatches(IterableDataset):
+class MicroBatches(IterableDataset):
     """One epoch's micro-batches of this rank, collated lazily. Iterable, so Lightning does not re-shard it."""
 
     def __init__(self, plan: list[tuple[list[int], int, int]], examples: list[SRTExample], pad_id: int) -> None:
@@ -542,7 +542,7 @@ class TraceDataModule(L.LightningDataModule):
             examples = self.stages[self.stage_of_epoch(epoch)]
             plan = self._plan(examples, epoch)
             pad_id = self.trainer.lightning_module.tokenizer.pad_token_id
-            self._epoch_plan = (epoch, DataLoader(_MicroBatches(plan, examples, pad_id), batch_size=None, num_workers=0))
+            self._epoch_plan = (epoch, DataLoader(MicroBatches(plan, examples, pad_id), batch_size=None, num_workers=0))
         return self._epoch_plan[1]
 
     def _plan(self, examples: list[SRTExample], epoch: int) -> list[tuple[list[int], int, int]]:

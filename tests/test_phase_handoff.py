@@ -73,7 +73,7 @@ def test_phase1_export_starts_phase2_on_disjoint_questions(tmp_path, tiny_model_
         "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
         "--model.model_name_or_path", str(export), "--model.export_dir", str(phase2 / "hf_model"),
         "--data.dataset", questions_file, "--data.exclude_ids_file", str(phase1 / "srt_data" / "phase1_question_ids.json"),
-        "--data.prompts_per_epoch", "8", "--data.rollout.init_args.max_new_tokens", "16",
+        "--data.skip_first", "0", "--data.prompts_per_epoch", "8", "--data.rollout.init_args.max_new_tokens", "16",
     ])
     phase2_ids = {q.id for q in sdzero.datamodule.questions}
     assert phase2_ids and not phase2_ids & phase1_ids  # disjoint
