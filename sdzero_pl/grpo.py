@@ -48,7 +48,7 @@ from sdzero_pl.models import backbone, load_model, load_tokenizer, output_weight
 from sdzero_pl.onpolicy import _Batches, rollout_seed
 from sdzero_pl.optim import build_optimizer, check_schedule, total_optimizer_steps
 from sdzero_pl.prompts import encode_prompts, stop_token_ids
-from sdzero_pl.questions import Question, load_questions, read_id_file, select_questions
+from sdzero_pl.questions import Question, read_id_file, select_questions
 from sdzero_pl.rewards import MathReward, Verifier
 from sdzero_pl.rl_losses import check_clip, clipped_pg_loss, group_advantages, k3_kl, zero_signal_groups
 from sdzero_pl.rollout import HFRollout, RolloutBackend
@@ -367,8 +367,9 @@ class GroupRolloutDataModule(L.LightningDataModule):
         if self.questions is not None:
             return
         hp = self.hparams
-        questions = load_questions(hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field,
-                                   hp.id_field)
+        questions = self.reward.load_questions(
+            hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field, hp.id_field
+        )
         excluded = read_id_file(hp.exclude_ids_file) if hp.exclude_ids_file else set()
         questions = select_questions(questions, hp.skip_first, excluded)[: hp.num_questions]
         if not questions:

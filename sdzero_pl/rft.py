@@ -48,7 +48,7 @@ from sdzero_pl.collect import (
 )
 from sdzero_pl.optim import total_optimizer_steps
 from sdzero_pl.prompts import render_prompt, stop_token_ids
-from sdzero_pl.questions import LOCAL_FORMATS, DataError, Question, load_questions, select_questions
+from sdzero_pl.questions import LOCAL_FORMATS, DataError, Question, select_questions
 from sdzero_pl.rewards import MathReward, Verifier
 from sdzero_pl.rollout import RolloutBackend, HFRollout
 from sdzero_pl.sequences import strip_stop
@@ -344,8 +344,9 @@ class RFTDataModule(L.LightningDataModule):
         if trainer.is_global_zero:
             local = Path(hp.dataset).suffix.lower() in LOCAL_FORMATS
             source = hp.dataset if local else f"{hp.dataset}[{hp.dataset_config or 'default'}:{hp.split}]"
-            questions = load_questions(hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field,
-                                       hp.id_field)
+            questions = self.reward.load_questions(
+                hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field, hp.id_field
+            )
             questions = select_questions(questions, hp.skip_first)[: hp.num_questions]
             if len(questions) < hp.num_questions:
                 rank_zero_warn(f"{source}: only {len(questions)} questions after skip_first={hp.skip_first}, "

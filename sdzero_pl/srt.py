@@ -45,7 +45,7 @@ from sdzero_pl.losses import normalised_sum
 from sdzero_pl.models import backbone, load_model, load_tokenizer, output_weight, resolve_dtype
 from sdzero_pl.optim import build_optimizer, check_schedule, lr_factor, total_optimizer_steps
 from sdzero_pl.prompts import SEPARATOR, control_phrases, stop_token_ids
-from sdzero_pl.questions import LOCAL_FORMATS, DataError, load_questions
+from sdzero_pl.questions import LOCAL_FORMATS, DataError
 from sdzero_pl.rewards import MathReward, Verifier
 from sdzero_pl.rollout import HFRollout, RolloutBackend
 from sdzero_pl.sequences import pad_sequences, position_ids, select_targets
@@ -492,8 +492,9 @@ class TraceDataModule(L.LightningDataModule):
         if trainer.is_global_zero:
             local = Path(hp.dataset).suffix.lower() in LOCAL_FORMATS
             source = hp.dataset if local else f"{hp.dataset}[{hp.dataset_config or 'default'}:{hp.split}]"
-            questions = load_questions(hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field,
-                                       hp.id_field)[: hp.num_questions]  # validated before any model is loaded
+            questions = self.reward.load_questions(
+                hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field, hp.id_field
+            )[: hp.num_questions]  # validated before any model is loaded
             if len(questions) < hp.num_questions:
                 rank_zero_warn(f"{source}: only {len(questions)} questions, `--data.num_questions` is {hp.num_questions}")
             module = trainer.lightning_module

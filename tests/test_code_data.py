@@ -69,3 +69,13 @@ def test_parse_tests_accepts_lists_and_json_strings_only():
         parse_tests("[{", "where")
     with pytest.raises(DataError, match="where: must be a list"):
         parse_tests({"input": "1"}, "where")
+
+
+def test_data_modules_load_code_questions_through_the_code_verifier():
+    from sdzero_pl.rewards import CodeReward, MathReward
+
+    path = str(FIXTURES / "codeforces_cots.jsonl")
+    questions = CodeReward().load_questions(path, question_field="prompt", answer_field="examples", id_field="id")
+    assert questions[0].id == "4/A" and questions[0].answer[0] == {"input": "8\n", "output": "YES\n"}
+    with pytest.raises(DataError, match="examples"):  # the math verifier wants a string reference
+        MathReward().load_questions(path, question_field="prompt", answer_field="examples", id_field="id")

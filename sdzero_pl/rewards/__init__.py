@@ -27,6 +27,21 @@ class Verifier(ABC):
     @abstractmethod
     def __call__(self, completions: Sequence[str], answers: Sequence[Any]) -> RewardBatch: ...
 
+    def load_questions(
+        self,
+        source: str,
+        config: str | None = None,
+        split: str = "train",
+        question_field: str = "problem",
+        answer_field: str = "answer",
+        id_field: str | None = None,
+    ) -> list:
+        """The dataset's questions with references of the kind this verifier checks (default: math, a string
+        answer per row). The data modules load through their verifier, so a code config only swaps the reward."""
+        from sdzero_pl.questions import load_questions
+
+        return load_questions(source, config, split, question_field, answer_field, id_field)
+
     def close(self) -> None:
         """Release worker processes, if any."""
 

@@ -168,6 +168,22 @@ class CodeReward(Verifier):
             self._verify_in_worker([])
         return self._protections
 
+    def load_questions(
+        self,
+        source: str,
+        config: str | None = None,
+        split: str = "train",
+        question_field: str = "prompt",
+        answer_field: str = "examples",
+        id_field: str | None = "id",
+    ) -> list:
+        """Code questions: ``answer_field`` holds the stdin/stdout tests (codeforces-cots ``examples``,
+        LiveCodeBench ``public_test_cases``); see :func:`sdzero_pl.rewards.code_data.load_code_questions`."""
+        from sdzero_pl.rewards.code_data import load_code_questions
+
+        return load_code_questions(source, split=split, config=config, prompt_field=question_field,
+                                   tests_field=answer_field, id_field=id_field)
+
     def __call__(
         self, completions: Sequence[str], answers: Sequence[Any], languages: Sequence[str | None] | None = None
     ) -> RewardBatch:
