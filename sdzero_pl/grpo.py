@@ -45,13 +45,13 @@ from torch.utils.data import DataLoader
 from sdzero_pl.budget import BudgetLedger
 from sdzero_pl.losses import normalised_sum
 from sdzero_pl.models import backbone, load_model, load_tokenizer, output_weight, resolve_dtype
-from sdzero_pl.onpolicy import _Batches, rollout_seed
+from sdzero_pl.onpolicy import CollatedBatches, rollout_seed
 from sdzero_pl.optim import build_optimizer, check_schedule, total_optimizer_steps
 from sdzero_pl.prompts import encode_prompts, stop_token_ids
 from sdzero_pl.questions import Question, read_id_file, select_questions
 from sdzero_pl.rewards import MathReward, Verifier
 from sdzero_pl.rl_losses import check_clip, clipped_pg_loss, group_advantages, k3_kl, zero_signal_groups
-from sdzero_pl.rollout import HFRollout, RolloutBackend
+from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout
 from sdzero_pl.sequences import pad_sequences, position_ids, select_targets, target_positions
 from sdzero_pl.srt import chunked_nll
 
@@ -394,7 +394,7 @@ class GroupRolloutDataModule(L.LightningDataModule):
         epoch = self.trainer.current_epoch
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = (epoch, self._generate_epoch(epoch))
-        return DataLoader(_Batches(self._epoch[1]), batch_size=None, num_workers=0)
+        return DataLoader(CollatedBatches(self._epoch[1]), batch_size=None, num_workers=0)
 
     def _generate_epoch(self, epoch: int) -> list[dict]:
         """Steps 1-6 of the module docstring for this rank."""
@@ -411,6 +411,7 @@ class GroupRolloutDataModule(L.LightningDataModule):
         questions = self.epoch_questions(epoch)[rank::world]
         prompts = encode_prompts(tokenizer, [q.question + hp.instruction for q in questions], hp.system_prompt)
         n = hp.group_size
+        before_rollout(trainer, self.rollout, module.policy)  # e.g. the vLLM weight refresh
         start = time.perf_counter()
         rollouts = self.rollout.generate([p for p in prompts for _ in range(n)],  # 1. groups are contiguous
                                          seed=rollout_seed(hp.seed, epoch, rank), desc=f"rollouts epoch {epoch}")

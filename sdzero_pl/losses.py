@@ -93,18 +93,29 @@ def teacher_topk(
     return ids, logits, mass
 
 
+# Elements of the (n, k, H) gathered-rows buffer: the token chunk of the gathered head is capped so that buffer
+# stays near 64 MB in float32 whatever k and H are (benchmarks/bench_distill_loss.py measured it).
+_ROWS_BUDGET = 1 << 24
+
+
+def _row_chunk(chunk_size: int, ids: torch.Tensor, hidden: torch.Tensor) -> int:
+    return max(1, min(chunk_size, _ROWS_BUDGET // max(1, ids.shape[-1] * hidden.shape[-1])))
+
+
 class _GatheredLogits(torch.autograd.Function):
     """logits[n, j] = hidden[n] . weight[ids[n, j]], saving only (hidden, weight, ids) for backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, ids, chunk_size):  # (N, H), (V, H), (N, k) -> (N, k)
         out = torch.empty(ids.shape, dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            stop = min(start + chunk_size, hidden.shape[0])
+        step = _row_chunk(chunk_size, ids, hidden)
+        for start in range(0, hidden.shape[0], step):
+            stop = min(start + step, hidden.shape[0])
             rows = _upcast(F.embedding(ids[start:stop], weight))  # (n, k, H)
             out[start:stop] = torch.einsum("nh,nkh->nk", _upcast(hidden[start:stop]), rows)
+            del rows  # free before the next chunk's gather
         ctx.save_for_backward(hidden, weight, ids)
-        ctx.chunk_size = chunk_size
+        ctx.step = step
         return out
 
     @staticmethod
@@ -112,16 +123,19 @@ class _GatheredLogits(torch.autograd.Function):
         hidden, weight, ids = ctx.saved_tensors
         grad_hidden = _upcast(torch.zeros_like(hidden)) if ctx.needs_input_grad[0] else None
         grad_weight = _upcast(torch.zeros_like(weight)) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, hidden.shape[0])
+        for start in range(0, hidden.shape[0], ctx.step):
+            stop = min(start + ctx.step, hidden.shape[0])
             g = _upcast(grad_out[start:stop])  # (n, k)
+            h = _upcast(hidden[start:stop])  # (n, H)
             if grad_hidden is not None:
                 rows = _upcast(F.embedding(ids[start:stop], weight))  # (n, k, H)
                 grad_hidden[start:stop] = torch.einsum("nk,nkh->nh", g, rows)
+            else:
+                rows = torch.empty(*g.shape, h.shape[-1], dtype=h.dtype, device=h.device)
             if grad_weight is not None:
-                h = _upcast(hidden[start:stop])  # (n, H)
-                contrib = g.unsqueeze(-1) * h.unsqueeze(1)  # (n, k, H)
-                grad_weight.index_add_(0, ids[start:stop].reshape(-1), contrib.reshape(-1, h.shape[-1]))
+                torch.mul(g.unsqueeze(-1), h.unsqueeze(1), out=rows)  # (n, k, H), reusing the rows buffer
+                grad_weight.index_add_(0, ids[start:stop].reshape(-1), rows.reshape(-1, h.shape[-1]))
+            del rows
         return (
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),

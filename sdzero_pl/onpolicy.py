@@ -8,6 +8,11 @@ the dataloader (``estimated_stepping_batches``, sanity checks, reloads).
 
 Each micro-batch carries ``global_tokens``: the number of valid y tokens in its whole optimizer step (all its
 micro-batches, all ranks), so the loss is the token mean of the global batch however the batch is split.
+
+Right before generating, :class:`~sdzero_pl.rollout.RolloutCallback` s run ``on_before_rollout`` (the vLLM weight
+refresh pushes the student's weights there: Lightning builds the dataloader BEFORE ``on_train_epoch_start``).
+When the backend returns the sampled tokens' log-probs, the student recomputes them for a few rollouts and
+``rollout/logprob_gap`` measures how stale the engine is (``sdzero_pl/staleness.py``).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from sdzero_pl.prompts import control_phrases, control_text, encode_prompts, stop_token_ids
 from sdzero_pl.questions import Question, load_questions, read_id_file, select_questions
 from sdzero_pl.rewards import MathReward, Verifier
-from sdzero_pl.rollout import HFRollout, RolloutBackend
+from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout
 from sdzero_pl.sequences import DistillExample, build_distill_example, collate_distill
+from sdzero_pl.staleness import logprob_gap, sampled_token_logps
 
 
 @dataclass
@@ -37,7 +43,7 @@ class EpochData:
     completions: list[str]
 
 
-class _Batches(IterableDataset):
+class CollatedBatches(IterableDataset):
     """Pre-collated micro-batches. Iterable, so Lightning does not shard it again with a DistributedSampler."""
 
     def __init__(self, batches: list[dict]) -> None:
@@ -80,6 +86,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         control_correct: str | None = None,
         control_wrong: str | None = None,
         seed: int = 0,
+        logprob_gap_samples: int = 16,
     ) -> None:
         """
         Args:
@@ -103,10 +110,13 @@ class OnPolicyDataModule(L.LightningDataModule):
             control_correct: override of the r=1 control phrase.
             control_wrong: override of the r=0 control phrase.
             seed: seed of the question order and of the rollout seed streams.
+            logprob_gap_samples: rollouts per rank whose sampled tokens the student re-scores for
+                ``rollout/logprob_gap`` (only with a backend that returns log-probs, e.g. vLLM); 0 = off.
         """
         super().__init__()
         for flag, value, low in (("prompts_per_epoch", prompts_per_epoch, 1), ("batch_size", batch_size, 1),
-                                 ("max_teacher_len", max_teacher_len, 2)):
+                                 ("max_teacher_len", max_teacher_len, 2),
+                                 ("logprob_gap_samples", logprob_gap_samples, 0)):
             if value < low:
                 raise ValueError(f"`--data.{flag}` must be >= {low}, got {value}")
         self.save_hyperparameters(ignore=["rollout", "reward"])
@@ -155,7 +165,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             self._epoch_data = self._generate_epoch(epoch)
             self.rollout_stats = self._epoch_data.stats
             self.last_completions = self._epoch_data.completions
-        return DataLoader(_Batches(self._epoch_data.batches), batch_size=None, num_workers=0)
+        return DataLoader(CollatedBatches(self._epoch_data.batches), batch_size=None, num_workers=0)
 
     def _generate_epoch(self, epoch: int) -> EpochData:
         trainer, module = self.trainer, self.trainer.lightning_module
@@ -165,14 +175,11 @@ class OnPolicyDataModule(L.LightningDataModule):
                 f"`--data.prompts_per_epoch` ({self.hparams.prompts_per_epoch}) must be divisible by the number "
                 f"of ranks ({world})"
             )
-        tokenizer = module.tokenizer
-        stops = stop_token_ids(tokenizer, module.student.generation_config.eos_token_id)
-        if not self._bound:
-            self.rollout.setup(module.student, tokenizer, stops)
-            self._bound = True
+        tokenizer, stops = module.tokenizer, self.bind_rollout()
         questions = self.epoch_questions(epoch)[rank::world]
         prompts = encode_prompts(tokenizer, [q.question + self.hparams.instruction for q in questions],
                                  self.hparams.system_prompt)
+        before_rollout(trainer, self.rollout, module.student)  # e.g. the vLLM weight refresh
         start = time.perf_counter()
         rollouts = self.rollout.generate(prompts, seed=rollout_seed(self.hparams.seed, epoch, rank),
                                          desc=f"rollouts epoch {epoch}")
@@ -200,8 +207,28 @@ class OnPolicyDataModule(L.LightningDataModule):
             "rollout/generations": float(len(rollouts)),
             "rollout/generated_tokens": float(sum(len(r.completion_ids) for r in rollouts)),
             "time/generate_s": generate_s,
+            **self._staleness(module, prompts, rollouts, tokenizer.pad_token_id),
         }
         return EpochData(epoch, batches, stats, completions)
+
+    def bind_rollout(self) -> list[int]:
+        """Bind the rollout backend to the student (once; a vLLM engine is built here) and return the stop ids."""
+        module = self.trainer.lightning_module
+        stops = stop_token_ids(module.tokenizer, module.student.generation_config.eos_token_id)
+        if not self._bound:
+            self.rollout.setup(module.student, module.tokenizer, stops)
+            self._bound = True
+        return stops
+
+    def _staleness(self, module, prompts, rollouts, pad_id: int) -> dict[str, float]:
+        """``rollout/logprob_gap`` over the first ``logprob_gap_samples`` rollouts, if the engine gave log-probs."""
+        n = min(self.hparams.logprob_gap_samples, len(rollouts))
+        if n == 0 or any(r.logps is None for r in rollouts[:n]):
+            return {}
+        trainer_logps = module.score("student", sampled_token_logps, prompts[:n],
+                                     [r.completion_ids for r in rollouts[:n]], pad_id, self.hparams.batch_size,
+                                     module.hparams.chunk_size)
+        return {"rollout/logprob_gap": logprob_gap([r.logps for r in rollouts[:n]], trainer_logps)}
 
     def _batches(self, examples: list[DistillExample], pad_id: int, trainer) -> list[dict]:
         size, accumulate = self.hparams.batch_size, trainer.accumulate_grad_batches

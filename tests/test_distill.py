@@ -1,5 +1,7 @@
 """SelfDistillModule + OnPolicyDataModule through a real Trainer on the tiny model."""
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -53,6 +55,9 @@ def test_two_steps_change_the_student_and_not_the_teacher(tmp_path, tiny_model_d
     for key in ("train/kl_forward_epoch", "train/kl_reverse_epoch", "rollout/reward_mean", "rollout/len_mean",
                 "rollout/truncated_frac", "teacher/topk_mass_epoch", "time/generate_s"):
         assert key in trainer.callback_metrics, key
+    ledger = json.loads((tmp_path / "export" / "budget.json").read_text())
+    assert ledger["phases"]["phase2/rollout"]["generations"] == 2 * 8  # 2 epochs x 8 prompts, one sample each
+    assert ledger["phases"]["phase2/rollout"]["tokens"] > 0
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     for name, param in exported.named_parameters():
         torch.testing.assert_close(param, dict(module.student.named_parameters())[name])

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import lightning as L
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -57,3 +59,21 @@ def split_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int]) -> Rollout:
         if token in stops:
             return Rollout(list(token_ids[: i + 1]), "stop")
     return Rollout(list(token_ids), "length")
+
+
+class RolloutCallback(L.Callback):
+    """A callback with one more hook, ``on_before_rollout``: run by every data module that generates, on every
+    rank, right before each epoch's rollouts (Lightning builds the dataloader BEFORE ``on_train_epoch_start``, so
+    a weight refresh cannot wait for that hook)."""
+
+    def on_before_rollout(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, rollout: RolloutBackend, policy: torch.nn.Module
+    ) -> None:
+        """``policy`` is the model the rollouts must come from (Phase 2: the student; GRPO: the policy)."""
+
+
+def before_rollout(trainer: L.Trainer, rollout: RolloutBackend, policy: torch.nn.Module) -> None:
+    """Run the trainer's :class:`RolloutCallback` hooks."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, RolloutCallback):
+            callback.on_before_rollout(trainer, trainer.lightning_module, rollout, policy)
