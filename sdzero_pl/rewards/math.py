@@ -72,6 +72,16 @@ def _check_row(gold: str, predicted: str) -> float | None:
     return check_math(gold, predicted)
 
 
+def _warm_up() -> None:
+    """Worker initializer: import math-verify (sympy) and run one check, so that the first timed check does not
+    pay the start-up (seconds on a loaded machine) and time out."""
+    check_math("1", "\\boxed{1}")
+
+
+# Seconds a fresh worker pool may take to start and warm up; separate from the per-check ``timeout_s``.
+STARTUP_TIMEOUT_S = 300.0
+
+
 class MathReward(Verifier):
     """Binary math reward: last ``\\boxed{}`` wins, no box means 0, compared with math-verify (gold first)."""
 
@@ -97,7 +107,11 @@ class MathReward(Verifier):
 
     def _get_pool(self) -> Any:
         if self._pool is None:
-            self._pool = mp.get_context("spawn").Pool(self.num_workers)
+            self._pool = mp.get_context("spawn").Pool(self.num_workers, initializer=_warm_up)
+            # Wait until every worker has started and imported math-verify before any check is timed.
+            warm = [self._pool.apply_async(_warm_up) for _ in range(self.num_workers)]
+            for job in warm:
+                job.get(timeout=STARTUP_TIMEOUT_S)
         return self._pool
 
     def close(self) -> None:
