@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from sdzero_pl.prompts import control_phrases, control_text, encode_prompts, stop_token_ids
-from sdzero_pl.questions import Question, load_questions, read_id_file, select_questions
+from sdzero_pl.questions import Question, read_id_file, select_questions
 from sdzero_pl.rewards import MathReward, Verifier
 from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout
 from sdzero_pl.sequences import DistillExample, build_distill_example, collate_distill
@@ -139,7 +139,9 @@ class OnPolicyDataModule(L.LightningDataModule):
         if self.questions is not None:
             return
         hp = self.hparams
-        questions = load_questions(hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field, hp.id_field)
+        questions = self.reward.load_questions(  # the verifier knows its kind of reference (math / code)
+            hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field, hp.id_field
+        )
         excluded = read_id_file(hp.exclude_ids_file) if hp.exclude_ids_file else set()
         questions = select_questions(questions, hp.skip_first, excluded)
         if not questions:

@@ -79,3 +79,13 @@ def test_data_modules_load_code_questions_through_the_code_verifier():
     assert questions[0].id == "4/A" and questions[0].answer[0] == {"input": "8\n", "output": "YES\n"}
     with pytest.raises(DataError, match="examples"):  # the math verifier wants a string reference
         MathReward().load_questions(path, question_field="prompt", answer_field="examples", id_field="id")
+
+
+def test_phase2_data_module_takes_code_questions_from_a_code_reward():
+    from sdzero_pl.onpolicy import OnPolicyDataModule
+    from sdzero_pl.rewards import CodeReward
+
+    data = OnPolicyDataModule(str(FIXTURES / "codeforces_cots.jsonl"), question_field="prompt",
+                              answer_field="examples", id_field="id", reward=CodeReward(), shuffle=False)
+    data.setup("fit")
+    assert data.questions[0].id == "4/A" and isinstance(data.questions[0].answer, list)
