@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,7 +36,7 @@ NAMES = {
 ITEMS = ("apples", "coins", "books", "cards", "stamps", "pens", "eggs", "shells", "marbles", "cookies")
 ADD_PHRASES = ("buys {n} more", "finds {n} more", "gets {n} more", "wins {n} more")
 SUB_PHRASES = ("gives away {n}", "loses {n}", "sells {n}", "eats {n}")
-MUL_PHRASES = {2: "doubles them", 3: "triples them"}  # larger factors: "gets {k} times as many"
+MUL_PHRASES = {2: "doubles them", 3: "triples them"}  # larger factors use MUL_GENERIC
 MUL_GENERIC = "ends up with {k} times as many"
 OPS = "+-*"
 
@@ -46,11 +47,11 @@ class TaskSettings:
 
     min_steps: int = 2  # operations per problem (inclusive range)
     max_steps: int = 3
-    max_start: int = 30  # the starting amount is drawn from [1, max_start]
-    max_operand: int = 20  # added / subtracted amounts are drawn from [1, max_operand]
+    max_start: int = 20  # the starting amount is drawn from [1, max_start]
+    max_operand: int = 10  # added / subtracted amounts are drawn from [1, max_operand]
     max_factor: int = 3  # multiplications use a factor in [2, max_factor]
     ops: str = "+-"  # allowed operations, a subset of "+-*"
-    max_value: int = 999  # no running total exceeds this (a multiplication that would is redrawn as +/-)
+    max_value: int = 999  # no running total exceeds this (a multiplication that would becomes a subtraction)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
@@ -124,6 +125,10 @@ def _draw_steps(rng: random.Random, settings: TaskSettings) -> tuple[int, list[t
     return start, steps
 
 
+def _apply(value: int, op: str, operand: int) -> int:
+    return value + operand if op == "+" else value - operand if op == "-" else value * operand
+
+
 def _phrase(rng: random.Random, op: str, operand: int) -> str:
     if op == "+":
         return rng.choice(ADD_PHRASES).format(n=operand)
@@ -146,13 +151,10 @@ def render(rng: random.Random, start: int, steps: list[tuple[str, int]]) -> tupl
         i += take
     sentences.append(f"How many {item} does {pronoun} have now?")
 
-    equations, value = [], start
+    value = start
     for op, operand in steps:
-        new = value + operand if op == "+" else value - operand if op == "-" else value * operand
-        equations.append(f"{value}{op}{operand}={new}.")
-        value = new
-    solution = " ".join(equations) + f" \\boxed{{{value}}}"
-    return " ".join(sentences), solution, str(value)
+        value = _apply(value, op, operand)
+    return " ".join(sentences), worked_solution(start, steps), str(value)
 
 
 def iter_problems(split: str, seed: int = 0, settings: TaskSettings | None = None) -> Iterator[Problem]:
@@ -193,6 +195,63 @@ def write_jsonl(problems: list[Problem], path: str | Path) -> Path:
         for p in problems:
             f.write(json.dumps(p.to_row()) + "\n")
     return path
+
+
+# Neutral "look again" interjections for the base model's retry examples (see `retry_example`). They say nothing
+# about whether the first attempt was right and share no wording with SD-Zero's control phrases (SPEC.md), so the
+# base model learns only "after an interjection, solve the problem again"; which phrase signals what is left for
+# Phase 1 (self-revision training) to teach.
+RETRY_PHRASES = (
+    "Let me check this again.",
+    "Let me go through it once more.",
+    "Let me double-check the steps.",
+    "Let me verify each step.",
+    "Let me recompute it.",
+    "Hmm, let me look again.",
+    "Let me solve it again.",
+    "One more time, step by step.",
+    "Let me recheck the numbers.",
+    "Let me try it again.",
+    "OK, let me review that.",
+    "Let me work through it again.",
+)
+_EQUATION = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)\.")
+
+
+def parse_steps(solution: str) -> tuple[int, list[tuple[str, int]]]:
+    """(start, [(op, operand), ...]) read back from a worked solution such as ``"7+5=12. 12-3=9. \\boxed{9}"``."""
+    equations = _EQUATION.findall(solution)
+    if not equations:
+        raise ValueError(f"not a worked solution of this task: {solution!r}")
+    return int(equations[0][0]), [(op, int(operand)) for _, op, operand, _ in equations]
+
+
+def worked_solution(start: int, steps: list[tuple[str, int]], slip: tuple[int, int] | None = None) -> str:
+    """One equation per step, then the boxed result. ``slip=(i, delta)`` adds ``delta`` to the result of step
+    ``i`` and carries the wrong value through the later steps, like a real arithmetic mistake."""
+    equations, value = [], start
+    for i, (op, operand) in enumerate(steps):
+        new = _apply(value, op, operand)
+        if slip is not None and slip[0] == i:
+            new += slip[1]
+        equations.append(f"{value}{op}{operand}={new}.")
+        value = new
+    return " ".join(equations) + f" \\boxed{{{value}}}"
+
+
+def retry_example(problem: Problem, rng: random.Random, slip_prob: float = 0.5) -> tuple[str, str, str]:
+    """(first attempt, interjection, second attempt) for one problem; the second attempt is always the worked
+    solution, the first is that solution or, with probability ``slip_prob``, one with an arithmetic slip."""
+    start, steps = parse_steps(problem.solution)
+    first = problem.solution
+    if rng.random() < slip_prob:
+        for _ in range(10):  # a slip that keeps every running total >= 0 and changes the answer
+            slip = (rng.randrange(len(steps)), rng.choice((-10, -2, -1, 1, 2, 10)))
+            candidate = worked_solution(start, steps, slip)
+            if "-" not in "".join(re.findall(r"=(-?\d+)", candidate)) and candidate != first:
+                first = candidate
+                break
+    return first, rng.choice(RETRY_PHRASES), problem.solution
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
