@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,8 +34,10 @@ def write_questions(out: Path, sizes: dict[str, int]) -> dict[str, Path]:
     paths = {}
     for split, n in sizes.items():
         path = out / "data" / f"{split}.jsonl"
-        if not path.exists():
-            write_jsonl(generate_split(split, n, seed=0), path)
+        if not path.exists():  # written aside, then renamed: runs of several seeds may share the folder
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            write_jsonl(generate_split(split, n, seed=0), tmp)
+            os.replace(tmp, path)
         paths[split] = path
     return paths
 
