@@ -48,7 +48,7 @@ from sdzero_pl.models import backbone, load_model, load_tokenizer, output_weight
 from sdzero_pl.onpolicy import CollatedBatches, rollout_seed
 from sdzero_pl.optim import build_optimizer, check_schedule, total_optimizer_steps
 from sdzero_pl.prompts import encode_prompts, stop_token_ids
-from sdzero_pl.questions import Question, read_id_file, select_questions
+from sdzero_pl.questions import Question, epoch_questions, read_id_file, select_questions
 from sdzero_pl.rewards import MathReward, Verifier
 from sdzero_pl.rl_losses import check_clip, clipped_pg_loss, group_advantages, k3_kl, zero_signal_groups
 from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout
@@ -381,8 +381,7 @@ class GroupRolloutDataModule(L.LightningDataModule):
     def epoch_questions(self, epoch: int) -> list[Question]:
         """The questions of one epoch (all ranks): the next ``prompts_per_epoch``, wrapping around the pool."""
         assert self.questions is not None, "setup() must run before epoch_questions()"
-        n, start = len(self.questions), epoch * self.hparams.prompts_per_epoch
-        return [self.questions[(start + i) % n] for i in range(self.hparams.prompts_per_epoch)]
+        return epoch_questions(self.questions, epoch, self.hparams.prompts_per_epoch)
 
     def optimizer_steps_per_epoch(self, world_size: int, accumulate: int) -> int:
         """Optimizer steps of an epoch without dynamic sampling (with it: an upper bound)."""

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from sdzero_pl.prompts import control_phrases, control_text, encode_prompts, stop_token_ids
-from sdzero_pl.questions import Question, read_id_file, select_questions
+from sdzero_pl.questions import Question, epoch_questions, read_id_file, select_questions
 from sdzero_pl.rewards import MathReward, Verifier
 from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout
 from sdzero_pl.sequences import DistillExample, build_distill_example, collate_distill
@@ -153,8 +153,7 @@ class OnPolicyDataModule(L.LightningDataModule):
     def epoch_questions(self, epoch: int) -> list[Question]:
         """The questions of one epoch (all ranks): the next ``prompts_per_epoch``, wrapping around the pool."""
         assert self.questions is not None, "setup() must run before epoch_questions()"
-        n, start = len(self.questions), epoch * self.hparams.prompts_per_epoch
-        return [self.questions[(start + i) % n] for i in range(self.hparams.prompts_per_epoch)]
+        return epoch_questions(self.questions, epoch, self.hparams.prompts_per_epoch)
 
     def optimizer_steps_per_epoch(self, world_size: int, accumulate: int) -> int:
         local = self.hparams.prompts_per_epoch // world_size

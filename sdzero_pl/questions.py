@@ -127,3 +127,10 @@ def select_questions(
         raise ValueError(f"`skip_first` must be >= 0, got {skip_first}")
     exclude_ids = exclude_ids or set()
     return [q for q in questions[skip_first:] if q.id not in exclude_ids]
+
+
+def epoch_questions(questions: Sequence[Question], epoch: int, per_epoch: int) -> list[Question]:
+    """The questions of one epoch of on-policy training (all ranks): the next ``per_epoch`` after the previous
+    epochs', wrapping around the pool. The epoch number alone fixes the data position (resume needs nothing else)."""
+    n, start = len(questions), epoch * per_epoch
+    return [questions[(start + i) % n] for i in range(per_epoch)]

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sdzero_pl.prompts import control_phrases, control_text, render_prompt
 from sdzero_pl.rewards import MathReward, extract_last_boxed
 from sdzero_pl.tasks.arithmetic import Problem, add_settings_arguments, generate_split, settings_from_args
 
@@ -37,9 +38,7 @@ class EvalResult:
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
     """``chat(x)``: the question as one user turn, with the assistant's generation prompt appended."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
+    return render_prompt(tokenizer, question)
 
 
 def sample_completions(
@@ -137,7 +136,7 @@ def evaluate_problems(
 
 
 # SPEC.md control phrases, paper default; the same "\n\n" separators as both phases.
-CONTROLS = {1: "Let me rephrase the above solution.", 0: "Wait, this response is not correct, let me start over."}
+CONTROLS = control_phrases("paper")  # the same strings training uses
 
 
 def revision_check(
@@ -153,7 +152,7 @@ def revision_check(
     """Generate-then-revise (SPEC "Analyses"): one revision per initial completion from
     ``chat(x) + init + "\\n\\n" + control + "\\n\\n"``; accuracy of the revisions and the correction rate."""
     contexts = [
-        chat_prompt(tokenizer, p.problem) + init + "\n\n" + CONTROLS[int(r)] + "\n\n"
+        chat_prompt(tokenizer, p.problem) + init + control_text(CONTROLS, r)
         for p, init, r in zip(problems, initial.completions, initial.rewards)
     ]
     revisions, _, _ = continue_texts(model, tokenizer, contexts, temperature, max_new_tokens, seed=seed)
