@@ -13,15 +13,29 @@ Right before generating, :class:`~sdzero_pl.rollout.RolloutCallback` s run ``on_
 refresh pushes the student's weights there: Lightning builds the dataloader BEFORE ``on_train_epoch_start``).
 When the backend returns the sampled tokens' log-probs, the student recomputes them for a few rollouts and
 ``rollout/logprob_gap`` measures how stale the engine is (``sdzero_pl/staleness.py``).
+
+Baselines and controls on the same loop (everything else, the loss included, stays SD-Zero's):
+
+* ``teacher_context``: what the frozen teacher sees in front of y. "revision" is SD-Zero's reviser
+  ``chat(x) + y + P_r + y``; "demonstration" is SDFT (Shenfeld et al. 2026, arXiv 2601.19897), the teacher reads
+  the question with the dataset's reference solution in the user turn (:data:`DEMONSTRATION_TEMPLATE`) and scores y;
+  "answer" is the "final answer only" SDFT variant SD-Zero compares with (:data:`ANSWER_DEMONSTRATION`);
+  "question" strips (y, P_r) from the teacher's context: it scores y in the student's own context, so the loss is
+  0 until the student moves away from the frozen teacher (a "no teacher information" control).
+* ``reward_signal="shuffled"``: "same steps, no signal". The verifier still runs (``rollout/reward_mean`` logs the
+  true reward), but P_r is picked by a seeded permutation of this rank's rewards of the epoch: same rate of P_1 and
+  P_0, same steps and tokens, but P_r says nothing about y. ``rollout/control_agreement`` is the fraction of
+  examples whose phrase matches their true reward (1 with "verified").
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import lightning as L
 import torch
@@ -31,8 +45,58 @@ from sdzero_pl.prompts import control_phrases, control_text, encode_prompts, sto
 from sdzero_pl.questions import Question, epoch_questions, read_id_file, select_questions
 from sdzero_pl.rewards import MathReward, Verifier
 from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout
-from sdzero_pl.sequences import DistillExample, build_distill_example, collate_distill
+from sdzero_pl.sequences import DistillExample, build_distill_example, build_prefixed_example, collate_distill
 from sdzero_pl.staleness import logprob_gap, sampled_token_logps
+
+
+TEACHER_CONTEXTS = ("revision", "demonstration", "answer", "question")
+REWARD_SIGNALS = ("verified", "shuffled")
+
+# SDFT's teacher prompt (arXiv 2601.19897, Sec. 3, and its reference code idanshen/Self-Distillation): the question,
+# then the demonstration, then an invitation to answer in the model's own words.
+DEMONSTRATION_TEMPLATE = (
+    "{question}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+    "Now answer with a response of your own, including the thinking process."
+)
+# The demonstration of the "final answer only" SDFT variant (teacher_context="answer"); ``{answer}`` is the
+# dataset's reference answer.
+ANSWER_DEMONSTRATION = "The final answer is \\boxed{{answer}}."
+
+
+def fill_template(template: str, **values: str) -> str:
+    """``template`` with each ``{name}`` replaced by ``values[name]`` in one pass: other braces (LaTeX) stay, and a
+    value that itself holds ``{question}`` is not substituted again."""
+    pattern = "|".join(re.escape("{" + name + "}") for name in values)
+    return re.sub(pattern, lambda match: values[match.group(0)[1:-1]], template)
+
+
+def teacher_question(question: Question, instruction: str, context: str, template: str) -> str:
+    """The teacher's user turn for "demonstration" / "answer" (the student's is ``question + instruction``)."""
+    text = question.question + instruction
+    if context == "demonstration":
+        assert question.solution is not None, f"question {question.id} has no solution (solution_field not set?)"
+        return fill_template(template, question=text, demonstration=question.solution)
+    assert context == "answer", f"no teacher question for teacher_context={context!r}"
+    demonstration = fill_template(ANSWER_DEMONSTRATION, answer=question.answer)
+    return fill_template(template, question=text, demonstration=demonstration)
+
+
+def shuffled_rewards(rewards: Sequence[float | None], seed: int) -> list[float | None]:
+    """The usable rewards in a seeded random order over the usable slots (None slots stay put): the same rate of
+    r=1, but which y gets which reward carries no information."""
+    slots = [i for i, r in enumerate(rewards) if r is not None]
+    values = [rewards[i] for i in slots]
+    random.Random(seed).shuffle(values)
+    out = list(rewards)
+    for i, value in zip(slots, values):
+        out[i] = value
+    return out
+
+
+def control_agreement(rewards: Sequence[float | None], control_rewards: Sequence[float | None]) -> float:
+    """Fraction of the usable examples whose control phrase is the one their true reward picks."""
+    pairs = [(r >= 0.5, c >= 0.5) for r, c in zip(rewards, control_rewards) if r is not None]
+    return sum(r == c for r, c in pairs) / max(len(pairs), 1)
 
 
 @dataclass
@@ -61,6 +125,23 @@ def rollout_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 65_537 + rank) % (2**63)
 
 
+def check_teacher_context(context: str, template: str, solution_field: str | None, reward_signal: str) -> None:
+    """Validate the baseline / control flags together (errors name the flags and the values)."""
+    if context not in TEACHER_CONTEXTS:
+        raise ValueError(f"`--data.teacher_context` must be one of {TEACHER_CONTEXTS}, got {context!r}")
+    if reward_signal not in REWARD_SIGNALS:
+        raise ValueError(f"`--data.reward_signal` must be one of {REWARD_SIGNALS}, got {reward_signal!r}")
+    missing = [p for p in ("{question}", "{demonstration}") if p not in template]
+    if missing:
+        raise ValueError(f"`--data.demonstration_template` must contain {' and '.join(missing)}, got {template!r}")
+    if context == "demonstration" and solution_field is None:
+        raise ValueError("`--data.teacher_context=demonstration` needs `--data.solution_field` (the column of "
+                         "reference solutions), got solution_field=None")
+    if reward_signal != "verified" and context != "revision":
+        raise ValueError(f"`--data.reward_signal={reward_signal}` only applies with `--data.teacher_context=revision` "
+                         f"(the reward reaches the teacher only through P_r), got teacher_context={context!r}")
+
+
 class OnPolicyDataModule(L.LightningDataModule):
     """Generates Phase-2 batches each epoch from the student being trained."""
 
@@ -87,6 +168,10 @@ class OnPolicyDataModule(L.LightningDataModule):
         control_wrong: str | None = None,
         seed: int = 0,
         logprob_gap_samples: int = 16,
+        teacher_context: str = "revision",
+        demonstration_template: str = DEMONSTRATION_TEMPLATE,
+        solution_field: str | None = None,
+        reward_signal: str = "verified",
     ) -> None:
         """
         Args:
@@ -103,7 +188,8 @@ class OnPolicyDataModule(L.LightningDataModule):
             shuffle: shuffle the question order once, with ``seed``.
             prompts_per_epoch: questions per epoch (all ranks together); one completion each.
             batch_size: rollouts per micro-batch on each rank.
-            max_teacher_len: token budget of the teacher sequence x + y + P_r + y; y is truncated to fit.
+            max_teacher_len: token budget of the teacher sequence (x + y + P_r + y, or x' + y for the other
+                ``teacher_context`` s); y is truncated to fit.
             rollout: the generation backend (``class_path``); default HF generate.
             reward: the verifier (``class_path``); default the math reward.
             control_preset: control phrases: "paper", "qwen" or "olmo".
@@ -112,6 +198,16 @@ class OnPolicyDataModule(L.LightningDataModule):
             seed: seed of the question order and of the rollout seed streams.
             logprob_gap_samples: rollouts per rank whose sampled tokens the student re-scores for
                 ``rollout/logprob_gap`` (only with a backend that returns log-probs, e.g. vLLM); 0 = off.
+            teacher_context: what the frozen teacher sees before scoring y: "revision" (SD-Zero,
+                ``chat(x) + y + P_r + y``), "demonstration" (SDFT: x with the reference solution, needs
+                ``solution_field``), "answer" (SDFT with the final answer only) or "question" (control: chat(x), the
+                student's own context).
+            demonstration_template: the teacher's user turn for "demonstration" / "answer", with the placeholders
+                {question} (x plus ``instruction``) and {demonstration}; default: SDFT's (arXiv 2601.19897).
+            solution_field: column holding a reference solution per question (SDFT's demonstration, e.g.
+                OpenR1-Math ``solution``).
+            reward_signal: "verified" (P_r from the verifier's reward) or "shuffled" (control: P_r from a seeded
+                permutation of the epoch's rewards on this rank; only with teacher_context "revision").
         """
         super().__init__()
         for flag, value, low in (("prompts_per_epoch", prompts_per_epoch, 1), ("batch_size", batch_size, 1),
@@ -119,6 +215,7 @@ class OnPolicyDataModule(L.LightningDataModule):
                                  ("logprob_gap_samples", logprob_gap_samples, 0)):
             if value < low:
                 raise ValueError(f"`--data.{flag}` must be >= {low}, got {value}")
+        check_teacher_context(teacher_context, demonstration_template, solution_field, reward_signal)
         self.save_hyperparameters(ignore=["rollout", "reward"])
         self.rollout = rollout or HFRollout()
         self.reward = reward or MathReward()
@@ -140,12 +237,18 @@ class OnPolicyDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         questions = self.reward.load_questions(  # the verifier knows its kind of reference (math / code)
-            hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field, hp.id_field
+            hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field, hp.id_field,
+            solution_field=hp.solution_field,
         )
         excluded = read_id_file(hp.exclude_ids_file) if hp.exclude_ids_file else set()
         questions = select_questions(questions, hp.skip_first, excluded)
         if not questions:
             raise ValueError(f"{hp.dataset}: no questions left after skip_first={hp.skip_first} and exclusions")
+        if hp.teacher_context == "answer":
+            for q in questions:
+                if not isinstance(q.answer, str):
+                    raise ValueError(f"`--data.teacher_context=answer` needs a text answer per question (math); "
+                                     f"{hp.dataset}: question {q.id} has {type(q.answer).__name__} {q.answer!r:.80}")
         if hp.shuffle:
             random.Random(hp.seed).shuffle(questions)
         self.questions = questions
@@ -187,15 +290,15 @@ class OnPolicyDataModule(L.LightningDataModule):
         generate_s = time.perf_counter() - start
         completions = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
         verdict = self.reward(completions, [q.answer for q in questions])
-        examples = []
-        for prompt, rollout, reward in zip(prompts, rollouts, verdict.rewards):
-            control = tokenizer.encode(control_text(self.phrases, reward or 0.0), add_special_tokens=False)
-            example = build_distill_example(prompt, rollout.completion_ids, control, stops,
-                                            self.hparams.max_teacher_len)
-            if reward is None:  # unusable reference: keep the slot (equal batch counts on all ranks), no loss
-                example.student_mask = [0] * len(example.student_mask)
-                example.teacher_mask = [0] * len(example.teacher_mask)
-            examples.append(example)
+        control_stats = {}
+        if self.hparams.teacher_context == "revision":
+            controls = verdict.rewards  # the reward picks P_r ...
+            if self.hparams.reward_signal == "shuffled":  # ... or, in the control, a permutation of them does
+                controls = shuffled_rewards(verdict.rewards, rollout_seed(self.hparams.seed, epoch, rank))
+            examples = self._revision_examples(tokenizer, prompts, rollouts, controls, stops)
+            control_stats = {"rollout/control_agreement": control_agreement(verdict.rewards, controls)}
+        else:
+            examples = self._prefixed_examples(tokenizer, questions, prompts, rollouts)
         batches = self._batches(examples, tokenizer.pad_token_id, trainer)
         valid = [r for r in verdict.rewards if r is not None]
         stats = {
@@ -208,9 +311,36 @@ class OnPolicyDataModule(L.LightningDataModule):
             "rollout/generations": float(len(rollouts)),
             "rollout/generated_tokens": float(sum(len(r.completion_ids) for r in rollouts)),
             "time/generate_s": generate_s,
+            **control_stats,
             **self._staleness(module, prompts, rollouts, tokenizer.pad_token_id),
         }
         return EpochData(epoch, batches, stats, completions)
+
+    def _revision_examples(self, tokenizer, prompts, rollouts, controls, stops) -> list[DistillExample]:
+        """SD-Zero's teacher ``chat(x) + y + P_r + y``, P_r picked by ``controls`` (the reward, or the control's)."""
+        examples = []
+        for prompt, rollout, reward in zip(prompts, rollouts, controls):
+            control = tokenizer.encode(control_text(self.phrases, reward or 0.0), add_special_tokens=False)
+            example = build_distill_example(prompt, rollout.completion_ids, control, stops,
+                                            self.hparams.max_teacher_len)
+            if reward is None:  # unusable reference: keep the slot (equal batch counts on all ranks), no loss
+                example.student_mask = [0] * len(example.student_mask)
+                example.teacher_mask = [0] * len(example.teacher_mask)
+            examples.append(example)
+        return examples
+
+    def _prefixed_examples(self, tokenizer, questions, prompts, rollouts) -> list[DistillExample]:
+        """Teacher ``chat(x') + y`` with x' from ``teacher_context`` (SDFT, the question-only control). The reward
+        does not reach this teacher, so rows with an unusable reference keep their loss."""
+        hp = self.hparams
+        if hp.teacher_context == "question":
+            prefixes = prompts
+        else:
+            texts = [teacher_question(q, hp.instruction, hp.teacher_context, hp.demonstration_template)
+                     for q in questions]
+            prefixes = encode_prompts(tokenizer, texts, hp.system_prompt)
+        return [build_prefixed_example(prompt, prefix, rollout.completion_ids, hp.max_teacher_len)
+                for prompt, prefix, rollout in zip(prompts, prefixes, rollouts)]
 
     def bind_rollout(self) -> list[int]:
         """Bind the rollout backend to the student (once; a vLLM engine is built here) and return the stop ids."""

@@ -20,6 +20,7 @@ class Question:
     id: str
     question: str  # the raw text of x, before the chat template
     answer: Any  # the reference a (math: a string); never shown to the model
+    solution: str | None = None  # a reference solution (SDFT's demonstration); only the SDFT teacher sees it
 
 
 class DataError(ValueError):
@@ -74,15 +75,17 @@ def load_questions(
     answer_field: str = "answer",
     id_field: str | None = None,
     check_answer: Callable[[Any], str | None] | None = None,
+    solution_field: str | None = None,
 ) -> list[Question]:
     """All rows of ``source`` as :class:`Question` s, validated. ``check_answer`` returns an error text or None;
-    by default the answer must be a non-empty string (math)."""
+    by default the answer must be a non-empty string (math). With ``solution_field``, that column must hold a
+    non-empty string per row too (the reference solution, :attr:`Question.solution`)."""
     rows, name = load_rows(source, config, split)
     check = check_answer or _string_answer
     questions = []
     for index, row in enumerate(rows):
         where = f"{name}: row {index + 1}"
-        for field_name in (question_field, answer_field, id_field):
+        for field_name in (question_field, answer_field, id_field, solution_field):
             if field_name is not None and field_name not in row:
                 raise DataError(f"{where}: missing field {field_name!r} (fields: {sorted(row)})")
         text = row[question_field]
@@ -91,8 +94,11 @@ def load_questions(
         problem = check(row[answer_field])
         if problem:
             raise DataError(f"{where}: field {answer_field!r} {problem}")
+        solution = row[solution_field] if solution_field is not None else None
+        if solution_field is not None and (not isinstance(solution, str) or not solution.strip()):
+            raise DataError(f"{where}: field {solution_field!r} must be a non-empty string, got {solution!r:.80}")
         qid = str(row[id_field]) if id_field is not None else str(index)
-        questions.append(Question(id=qid, question=text, answer=row[answer_field]))
+        questions.append(Question(id=qid, question=text, answer=row[answer_field], solution=solution))
     if id_field is not None and len({q.id for q in questions}) != len(questions):
         raise DataError(f"{name}: column {id_field!r} holds duplicate ids")
     return questions

@@ -6,6 +6,10 @@ copy of y: token t of the student's y lines up with token t of that copy. The de
 and concatenated as ids, so y's tokens are identical in both copies (re-tokenizing the joined text could merge
 tokens across the boundary and break the alignment).
 
+Baselines and controls (``OnPolicyDataModule.teacher_context``) use another teacher context in front of the SAME
+y: ``teacher_prefix + y`` (SDFT: chat(x with a demonstration); the "question" control: chat(x) itself), built by
+:func:`build_prefixed_example`; the teacher then scores its only copy of y.
+
 Masks mark the y tokens themselves (targets), not the positions that predict them: the logits that score
 ``ids[t]`` sit at ``t - 1``; :func:`target_positions` does that shift once, for everyone.
 """
@@ -22,8 +26,8 @@ import torch
 class DistillExample:
     student_ids: list[int]  # chat(x) + y
     student_mask: list[int]  # 1 on y's tokens
-    teacher_ids: list[int]  # chat(x) + strip(y) + delimiter + y
-    teacher_mask: list[int]  # 1 on the second copy of y
+    teacher_ids: list[int]  # chat(x) + strip(y) + delimiter + y (or teacher_prefix + y)
+    teacher_mask: list[int]  # 1 on the second (last) copy of y
     truncated: bool  # y was cut to fit the teacher's length budget
 
     @property
@@ -69,6 +73,31 @@ def build_distill_example(
         student_mask=[0] * len(prompt) + [1] * n,
         teacher_ids=teacher_ids,
         teacher_mask=[0] * (len(teacher_ids) - n) + [1] * n,
+        truncated=truncated,
+    )
+
+
+def build_prefixed_example(
+    prompt_ids: Sequence[int],
+    teacher_prefix_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    max_teacher_len: int,
+) -> DistillExample:
+    """Student ``chat(x) + y`` and teacher ``teacher_prefix + y`` for one rollout, with the length budget applied.
+
+    If ``|teacher_prefix| + |y|`` exceeds ``max_teacher_len``, y is truncated (in BOTH sequences) to the longest
+    prefix that fits; if the teacher prefix alone fills the budget, the example has empty masks (zero loss).
+    """
+    prompt, prefix, completion = list(prompt_ids), list(teacher_prefix_ids), list(completion_ids)
+    truncated = len(prefix) + len(completion) > max_teacher_len
+    if truncated:
+        completion = completion[: max(0, max_teacher_len - len(prefix))]
+    n = len(completion)
+    return DistillExample(
+        student_ids=prompt + completion,
+        student_mask=[0] * len(prompt) + [1] * n,
+        teacher_ids=prefix + completion,
+        teacher_mask=[0] * len(prefix) + [1] * n,
         truncated=truncated,
     )
 

@@ -36,6 +36,21 @@ def test_bad_row_names_file_row_and_field(tmp_path, row, field):
         load_questions(path)
 
 
+def test_solutions_are_read_only_when_a_solution_field_is_given(tmp_path):
+    path = _write(tmp_path / "q.jsonl", [{"problem": "1+1?", "answer": "2", "sol": "1+1 = \\boxed{2}"}])
+    assert load_questions(path, solution_field="sol")[0].solution == "1+1 = \\boxed{2}"
+    assert load_questions(path)[0].solution is None
+
+
+@pytest.mark.parametrize("solution", [None, 3, " ", "missing"])
+def test_bad_solution_names_file_row_and_field(tmp_path, solution):
+    good = {"problem": "ok?", "answer": "1", "solution": "fine"}
+    bad = {"problem": "ok?", "answer": "1"} if solution == "missing" else {**good, "solution": solution}
+    path = _write(tmp_path / "q.jsonl", [good, bad])
+    with pytest.raises(DataError, match=r"q\.jsonl: row 2: .*field .solution."):
+        load_questions(path, solution_field="solution")
+
+
 def test_missing_file_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_questions(str(tmp_path / "nope.jsonl"))

@@ -1,9 +1,11 @@
-"""Sequence surgery: teacher = chat(x) + y' + P_r + y, alignment with the student's y, padding, length budget."""
+"""Sequence surgery: teacher = chat(x) + y' + P_r + y (or teacher_prefix + y), alignment with the student's y,
+padding, length budget."""
 
 import torch
 
 from sdzero_pl.sequences import (
     build_distill_example,
+    build_prefixed_example,
     collate_distill,
     pad_sequences,
     position_ids,
@@ -96,3 +98,37 @@ def test_masks_exclude_prompt_and_padding():
         ids, mask, attn = batch[f"{role}_ids"], batch[f"{role}_mask"], batch[f"{role}_attention_mask"]
         assert not torch.any(mask.bool() & ~attn.bool())  # no padding in the loss
     assert batch["student_mask"][:, :3].sum() == 0  # no prompt token in the loss
+
+
+TEACHER_PREFIX = [20, 21, 22, 23]  # e.g. chat(x with a demonstration): longer than the student's prompt
+
+
+def test_prefixed_teacher_scores_its_only_copy_of_y_aligned_with_the_student():
+    ex = build_prefixed_example(PROMPT, TEACHER_PREFIX, [4, 5, EOS], max_teacher_len=100)
+    assert ex.student_ids == PROMPT + [4, 5, EOS] and ex.student_mask == [0, 0, 0, 1, 1, 1]
+    assert ex.teacher_ids == TEACHER_PREFIX + [4, 5, EOS] and ex.teacher_mask == [0, 0, 0, 0, 1, 1, 1]
+    assert not ex.truncated and ex.num_tokens == 3
+    for side in ("left", "right"):
+        examples = [ex, build_prefixed_example([1, 2], [30], [6, 7, 8, EOS], 100)]
+        batch = collate_distill(examples, pad_id=EOS, side=side)  # pad == eos
+        s_h, s_targets = select_targets(batch["student_ids"].unsqueeze(-1).float(), batch["student_ids"],
+                                        batch["student_mask"])
+        t_h, t_targets = select_targets(batch["teacher_ids"].unsqueeze(-1).float(), batch["teacher_ids"],
+                                        batch["teacher_mask"])
+        assert s_targets.tolist() == t_targets.tolist() == [4, 5, EOS, 6, 7, 8, EOS]
+        # y_0 is predicted from the last context token (the student's prompt / the teacher's prefix), then y_<t
+        assert s_h.squeeze(-1).tolist() == [3, 4, 5, 2, 6, 7, 8]
+        assert t_h.squeeze(-1).tolist() == [23, 4, 5, 30, 6, 7, 8]
+
+
+def test_prefixed_length_budget_truncates_y_in_both_sequences():
+    ex = build_prefixed_example(PROMPT, TEACHER_PREFIX, [4, 5, 6, 10, 11, EOS], max_teacher_len=7)  # 4 + L <= 7
+    assert ex.truncated and ex.num_tokens == 3
+    assert ex.student_ids == PROMPT + [4, 5, 6] and ex.teacher_ids == TEACHER_PREFIX + [4, 5, 6]
+    assert sum(ex.teacher_mask) == sum(ex.student_mask) == 3
+
+
+def test_prefixed_teacher_prefix_that_fills_the_budget_gives_zero_loss():
+    ex = build_prefixed_example(PROMPT, [20] * 10, [4, 5, EOS], max_teacher_len=10)
+    assert ex.truncated and ex.num_tokens == 0 and sum(ex.teacher_mask) == 0
+    assert ex.student_ids == PROMPT and ex.teacher_ids == [20] * 10

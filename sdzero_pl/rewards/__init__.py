@@ -35,12 +35,15 @@ class Verifier(ABC):
         question_field: str = "problem",
         answer_field: str = "answer",
         id_field: str | None = None,
+        solution_field: str | None = None,
     ) -> list:
         """The dataset's questions with references of the kind this verifier checks (default: math, a string
-        answer per row). The data modules load through their verifier, so a code config only swaps the reward."""
+        answer per row). The data modules load through their verifier, so a code config only swaps the reward.
+        ``solution_field``: also read a reference solution per row (SDFT's demonstration)."""
         from sdzero_pl.questions import load_questions
 
-        return load_questions(source, config, split, question_field, answer_field, id_field)
+        return load_questions(source, config, split, question_field, answer_field, id_field,
+                              solution_field=solution_field)
 
     def close(self) -> None:
         """Release worker processes, if any."""

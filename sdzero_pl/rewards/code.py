@@ -176,10 +176,15 @@ class CodeReward(Verifier):
         question_field: str = "prompt",
         answer_field: str = "examples",
         id_field: str | None = "id",
+        solution_field: str | None = None,
     ) -> list:
         """Code questions: ``answer_field`` holds the stdin/stdout tests (codeforces-cots ``examples``,
-        LiveCodeBench ``public_test_cases``); see :func:`sdzero_pl.rewards.code_data.load_code_questions`."""
+        LiveCodeBench ``public_test_cases``); see :func:`sdzero_pl.rewards.code_data.load_code_questions`.
+        Reference solutions (``solution_field``) are not read for code questions yet."""
         from sdzero_pl.rewards.code_data import load_code_questions
+
+        if solution_field is not None:
+            raise ValueError(f"`--data.solution_field` is not supported with CodeReward yet, got {solution_field!r}")
 
         return load_code_questions(source, split=split, config=config, prompt_field=question_field,
                                    tests_field=answer_field, id_field=id_field)
