@@ -11,6 +11,7 @@ import pytest
 from sdzero_pl.rewards import MathReward, extract_last_boxed
 from sdzero_pl.tasks.arithmetic import (
     RETRY_PHRASES,
+    ArithmeticReward,
     SPLITS,
     TaskSettings,
     generate_split,
@@ -19,6 +20,7 @@ from sdzero_pl.tasks.arithmetic import (
     retry_example,
     split_of,
     worked_solution,
+    worked_steps_valid,
 )
 
 
@@ -171,3 +173,31 @@ def test_evaluate_helper_scores_a_model_dir_and_its_revisions(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     check = revision_check(model, tokenizer, problems, result, max_new_tokens=8)
     assert 0.0 <= check["revised_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("text, valid", [
+    ("12-5=7. 7-7=0. 0+2=2. \\boxed{2}", True),
+    ("16-3=13. 13-8=5. 5-3=2. \\boxed{2}", True),  # another valid order of the same steps
+    ("4*3=12. \\boxed{12}", True),
+    ("first try\n\nWait, this response is not correct, let me start over.\n\n3+4=7. \\boxed{7}", True),
+    ("10-9=1. 1-8=2. \\boxed{2}", False),  # right number through wrong arithmetic (a lucky answer)
+    ("3+4=7. 8-1=7. \\boxed{7}", False),  # the chain breaks
+    ("5+2=7=19. 19-3=16. \\boxed{16}", False),  # not an equation
+    ("3+4=7. \\boxed{8}", False),  # box differs from the last result
+    ("\\boxed{7}", False),  # no worked steps
+    ("3+4=7.", False),  # no box
+    ("3+4=7. \\boxed{7} and more", False),
+])
+def test_worked_steps_valid(text, valid):
+    assert worked_steps_valid(text) is valid
+
+
+def test_arithmetic_reward_refuses_lucky_answers_and_keeps_the_rest():
+    reward = ArithmeticReward()
+    try:
+        batch = reward(["12-5=7. 7-7=0. 0+2=2. \\boxed{2}", "10-9=1. 1-8=2. \\boxed{2}", "12-5=7. \\boxed{7}"],
+                       ["2", "2", "2"])
+    finally:
+        reward.close()
+    assert batch.rewards == [1.0, 0.0, 0.0]
+    assert batch.errors[1] == "the worked steps do not add up"

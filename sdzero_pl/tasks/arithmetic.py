@@ -23,7 +23,10 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
+
+from sdzero_pl.rewards import RewardBatch
+from sdzero_pl.rewards.math import MathReward
 
 # Share of the problem space owned by each split (hash partition, see `split_of`).
 SPLIT_SHARES = {"train": 0.70, "phase1": 0.10, "phase2": 0.10, "heldout": 0.10}
@@ -279,3 +282,51 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------------- reward
+_STEP = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)")
+
+
+def worked_steps_valid(completion: str) -> bool:
+    """True when the completion's final solution is a chain of correct equations ending in its boxed value.
+
+    The final solution is the text after the last blank line (a completion that revises itself is judged by its
+    last attempt, as the math reward judges its last ``\\boxed{}``). It must read ``e1. e2. ... \\boxed{v}`` where
+    every ``e_i`` is ``a<op>b=c`` with ``c`` the true result, every chain link starts from the previous result,
+    and ``v`` is the last result. The answers of this task are small integers, so a wrong chain of steps lands on
+    the right number by luck about one time in twenty; this check removes those lucky answers.
+    """
+    final = completion.strip().split("\n\n")[-1].strip()
+    box = final.rfind("\\boxed{")
+    if box < 0 or not final.endswith("}"):
+        return False
+    steps = [s.strip() for s in final[:box].strip().split(".") if s.strip()]
+    boxed = final[box + len("\\boxed{") : -1].strip()
+    if not steps:
+        return False
+    previous = None
+    for step in steps:
+        match = _STEP.fullmatch(step)
+        if match is None:
+            return False
+        left, op, operand, result = int(match[1]), match[2], int(match[3]), int(match[4])
+        if _apply(left, op, operand) != result or (previous is not None and left != previous):
+            return False
+        previous = result
+    return boxed == str(previous)
+
+
+class ArithmeticReward(MathReward):
+    """The demo task's verifier: the math reward (last ``\\boxed{}`` equals the answer) AND a valid worked
+    solution (:func:`worked_steps_valid`). Still one binary reward per completion from the question's answer
+    alone; it only refuses right numbers reached through wrong arithmetic."""
+
+    def __call__(self, completions: Sequence[str], answers: Sequence[Any]) -> RewardBatch:
+        batch = super().__call__(completions, answers)
+        for i, completion in enumerate(completions):
+            if batch.rewards[i] == 1.0 and not worked_steps_valid(completion):
+                batch.rewards[i] = 0.0
+                if batch.errors:
+                    batch.errors[i] = "the worked steps do not add up"
+        return batch
