@@ -47,6 +47,7 @@ from sdzero_pl.tasks.arithmetic import (
     add_settings_arguments,
     generate_split,
     iter_problems,
+    feedback_retry_example,
     retry_example,
     settings_from_args,
 )
@@ -83,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of batches made of retry examples (attempt, neutral interjection, solution; see module doc)",
     )  # fmt: skip
     g.add_argument("--retry_slip_prob", type=float, default=0.5, help="share of retry first attempts with a slip")
+    g.add_argument(
+        "--retry_style", choices=("neutral", "feedback"), default="neutral",
+        help="neutral: the interjection says nothing about the attempt; feedback: it says whether the attempt was "
+             "right, and wrong attempts carry slips, misread operands or flipped operations (see module doc)",
+    )
     g.add_argument("--steps", type=int, default=1200, help="optimizer steps of the cosine schedule")
     g.add_argument("--batch_size", type=int, default=32)
     g.add_argument("--lr", type=float, default=2e-3)
@@ -124,13 +130,15 @@ def encode(tokenizer, problems: list[Problem]) -> list[tuple[list[int], int]]:
     return [(x + y + [tokenizer.eos_token_id], len(x)) for x, y in zip(prompt_ids, target_ids)]
 
 
-def encode_retry(tokenizer, problems: list[Problem], seed: int, slip_prob: float) -> list[tuple[list[int], int]]:
+def encode_retry(tokenizer, problems: list[Problem], seed: int, slip_prob: float,
+                 style: str = "neutral") -> list[tuple[list[int], int]]:
     """chat(x) + attempt + "\\n\\n" + interjection + "\\n\\n" + solution + <|im_end|>; the loss starts after the
     interjection, so the model never learns to make the slips, only to solve the problem again after one."""
     rng = random.Random(seed)
     contexts, targets = [], []
     for p in problems:
-        first, phrase, second = retry_example(p, rng, slip_prob)
+        make = feedback_retry_example if style == "feedback" else retry_example
+        first, phrase, second = make(p, rng, slip_prob)
         contexts.append(chat_prompt(tokenizer, p.problem) + first + "\n\n" + phrase + "\n\n")
         targets.append(second)
     context_ids = tokenizer(contexts, add_special_tokens=False).input_ids
@@ -287,7 +295,8 @@ def main(args: argparse.Namespace) -> None:
     train_problems = generate_split("train", args.n_train, args.seed, settings)
     val_problems = validation_problems(train_problems, args.eval_n, args.seed, settings)
     rows = encode(tokenizer, train_problems)
-    retry_rows = encode_retry(tokenizer, train_problems, args.seed, args.retry_slip_prob) if args.retry_fraction else []
+    retry_rows = (encode_retry(tokenizer, train_problems, args.seed, args.retry_slip_prob, args.retry_style)
+                  if args.retry_fraction else [])
     model = build_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{n_params / 1e6:.2f}M parameters, {len(rows)} training problems, settings {settings}")

@@ -10,8 +10,10 @@ import pytest
 
 from sdzero_pl.rewards import MathReward, extract_last_boxed
 from sdzero_pl.tasks.arithmetic import (
+    FEEDBACK_PHRASES,
     RETRY_PHRASES,
     ArithmeticReward,
+    feedback_retry_example,
     SPLITS,
     TaskSettings,
     generate_split,
@@ -201,3 +203,37 @@ def test_arithmetic_reward_refuses_lucky_answers_and_keeps_the_rest():
         reward.close()
     assert batch.rewards == [1.0, 0.0, 0.0]
     assert batch.errors[1] == "the worked steps do not add up"
+
+
+def test_feedback_retry_examples_say_whether_the_attempt_was_right():
+    rng = random.Random(0)
+    problems = generate_split("train", 300, seed=0)
+    wrong = 0
+    kinds = set()
+    for p in problems:
+        first, phrase, second = feedback_retry_example(p, rng, error_prob=0.5)
+        assert second == p.solution
+        assert worked_steps_valid(second)
+        if first == p.solution:
+            assert phrase in FEEDBACK_PHRASES[1]
+            continue
+        wrong += 1
+        assert phrase in FEEDBACK_PHRASES[0]
+        assert extract_last_boxed(first) != p.answer
+        assert all(int(v) >= 0 for v in re.findall(r"=(-?\d+)", first)), first
+        if worked_steps_valid(first):  # a misread operand or a flipped operation: valid arithmetic, wrong problem
+            kinds.add("misread or flip" if parse_steps(first) != parse_steps(p.solution) else "?")
+        else:
+            kinds.add("slip")
+    assert 110 <= wrong <= 190
+    assert kinds == {"slip", "misread or flip"}
+
+
+def test_feedback_phrases_are_not_the_control_phrases():
+    from sdzero_pl.prompts import CONTROL_PRESETS
+
+    controls = {phrase for preset in CONTROL_PRESETS.values() for phrase in preset.values()}
+    for phrases in FEEDBACK_PHRASES.values():
+        for phrase in phrases:
+            assert phrase not in controls
+            assert not any(c in phrase or phrase in c for c in controls)

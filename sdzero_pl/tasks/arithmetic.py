@@ -257,6 +257,63 @@ def retry_example(problem: Problem, rng: random.Random, slip_prob: float = 0.5) 
     return first, rng.choice(RETRY_PHRASES), problem.solution
 
 
+# Feedback interjections for the "feedback" retry style (`feedback_retry_example`): what an instruct LLM brings to
+# SD-Zero from pre-training - it understands "that is not correct" - taught here in the base model's own training.
+# None of them is one of SD-Zero's control phrases (tests check); mapping those phrases to the reward is Phase 1's.
+FEEDBACK_PHRASES = {
+    0: (
+        "Hmm, that is not correct. Let me fix it.",
+        "That answer is wrong, let me find the error.",
+        "No, this is not correct. Let me redo it.",
+        "Something is wrong here. Let me check the steps.",
+    ),
+    1: (
+        "That is correct. Let me write it once more.",
+        "Yes, this checks out. Once more:",
+        "Good, that is right. Again, cleanly:",
+        "This is correct. Let me restate it.",
+    ),
+}
+ERROR_KINDS = ("slip", "misread", "flip")
+
+
+def attempt_with_error(start: int, steps: list[tuple[str, int]], rng: random.Random, kind: str) -> str | None:
+    """A wrong attempt of the kinds the model makes itself: ``slip`` (one result off, carried on), ``misread`` (one
+    operand read as another number) or ``flip`` (one operation read as its opposite), the later steps computed
+    correctly from the wrong value. None when no such attempt keeps every running total >= 0 and changes the answer.
+    """
+    right = worked_solution(start, steps)
+    for _ in range(10):
+        i = rng.randrange(len(steps))
+        op, operand = steps[i]
+        if kind == "slip":
+            candidate = worked_solution(start, steps, (i, rng.choice((-10, -2, -1, 1, 2, 10))))
+        elif kind == "misread":
+            other = rng.choice([n for n in range(max(1, operand - 3), operand + 4) if n != operand])
+            candidate = worked_solution(start, steps[:i] + [(op, other)] + steps[i + 1 :])
+        elif kind == "flip" and op in "+-":
+            candidate = worked_solution(start, steps[:i] + [("-" if op == "+" else "+", operand)] + steps[i + 1 :])
+        else:
+            continue
+        if "-" not in "".join(re.findall(r"=(-?\d+)", candidate)) and candidate.split("\\boxed")[-1] != right.split(
+                "\\boxed")[-1]:
+            return candidate
+    return None
+
+
+def feedback_retry_example(problem: Problem, rng: random.Random, error_prob: float = 0.5) -> tuple[str, str, str]:
+    """(first attempt, feedback, second attempt): with probability ``error_prob`` the attempt is wrong (a slip, a
+    misread operand or a flipped operation) and the feedback says so; otherwise it is right and the feedback
+    confirms it. The second attempt is always the worked solution: a fix of the wrong step, or a restatement."""
+    start, steps = parse_steps(problem.solution)
+    if rng.random() < error_prob:
+        for kind in rng.sample(ERROR_KINDS, len(ERROR_KINDS)):
+            wrong = attempt_with_error(start, steps, rng, kind)
+            if wrong is not None:
+                return wrong, rng.choice(FEEDBACK_PHRASES[0]), problem.solution
+    return problem.solution, rng.choice(FEEDBACK_PHRASES[1]), problem.solution
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """``--min_steps`` ... ``--max_value`` flags, one per :class:`TaskSettings` field, same defaults."""
     defaults = TaskSettings()
