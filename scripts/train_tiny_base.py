@@ -7,12 +7,17 @@ that answers in the chat format, always boxes an answer and ends its turn, yet i
 Plain PyTorch: AdamW, linear warm-up then cosine decay, one CPU thread by default. Two kinds of batches:
 - answer examples: chat(x) -> worked solution + ``<|im_end|>``, loss on the assistant turn only;
 - retry examples (``--retry_fraction`` of the batches; deviation, see below): chat(x) -> attempt + "\\n\\n" +
-  neutral interjection ("Let me check this again.") + "\\n\\n" + worked solution + ``<|im_end|>``, where the
-  attempt is the solution or one with an arithmetic slip; loss on the final solution + ``<|im_end|>`` only.
-An instruct LLM can continue its own answer after an interjection such as SD-Zero's control phrases; a model
-trained on answer examples alone cannot (it emits garbage there), which leaves Phase 1 nothing to select from.
-The retry examples give it that general ability without the SD-Zero phrases and without tying any phrase to
-correctness, which is what Phase 1 then teaches.
+  interjection + "\\n\\n" + worked solution + ``<|im_end|>``; loss on the final solution + ``<|im_end|>`` only.
+  ``--retry_style feedback`` (default): the attempt is wrong half of the time (an arithmetic slip, a misread
+  operand or a flipped operation, the kinds of error the model makes) and the interjection says whether it is
+  right ("Hmm, that is not correct. Let me fix it." / "This is correct. Let me restate it.");
+  ``--retry_style neutral``: a neutral interjection ("Let me check this again.") and arithmetic slips only.
+An instruct LLM can continue its own answer after an interjection such as SD-Zero's control phrases, and it knows
+what "this response is not correct" means; a model trained on answer examples alone cannot (it emits garbage
+there), which leaves Phase 1 nothing to select from. The feedback retry examples give it that general ability
+WITHOUT SD-Zero's control phrases (tests check that none is used): tying "rephrase" / "not correct, let me start
+over" to the reward is still Phase 1's job. SD-Zero needs a reviser that is better than the generator; with the
+neutral style the tiny model's reviser was worse and SD-Zero could not improve it (docs/demo_task.md).
 
 The accuracy is checked every ``--eval_every`` steps on validation questions (train split, another seed, minus
 the training questions). The checkpoint kept is the in-band evaluation (``[--band_low, --band_high]``) closest to
@@ -80,18 +85,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("optimisation")
     g.add_argument("--n_train", type=int, default=40_000, help="training problems (train split)")
     g.add_argument(
-        "--retry_fraction", type=float, default=0.4,
+        "--retry_fraction", type=float, default=0.5,
         help="share of batches made of retry examples (attempt, neutral interjection, solution; see module doc)",
     )  # fmt: skip
-    g.add_argument("--retry_slip_prob", type=float, default=0.5, help="share of retry first attempts with a slip")
+    g.add_argument("--retry_slip_prob", type=float, default=0.5, help="share of retry first attempts that are wrong (neutral style: an arithmetic slip)")
     g.add_argument(
-        "--retry_style", choices=("neutral", "feedback"), default="neutral",
+        "--retry_style", choices=("neutral", "feedback"), default="feedback",
         help="neutral: the interjection says nothing about the attempt; feedback: it says whether the attempt was "
              "right, and wrong attempts carry slips, misread operands or flipped operations (see module doc)",
     )
     g.add_argument("--steps", type=int, default=1200, help="optimizer steps of the cosine schedule")
     g.add_argument("--batch_size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor, as a fraction of --lr")
     g.add_argument("--warmup_steps", type=int, default=50)
     g.add_argument("--weight_decay", type=float, default=0.01)
@@ -356,6 +361,11 @@ def training_md(args: argparse.Namespace, r: dict) -> str:
         for h in r["history"]
     )
     sampled, greedy, multi, k = r["sampled"], r["greedy"], r["multi"], args.heldout_samples
+    retry_text = (f"attempt, feedback that says whether it is right, solution; {args.retry_slip_prob:.0%} of the "
+                  "attempts wrong: an arithmetic slip, a misread operand or a flipped operation"
+                  if args.retry_style == "feedback" else
+                  f"attempt, neutral interjection, solution; {args.retry_slip_prob:.0%} of the attempts with an "
+                  "arithmetic slip")
     per_sample = ", ".join(f"{a:.3f}" for a in multi["accuracy_per_sample"])
     return f"""# tiny-arith: the embedded demo's base model
 
@@ -381,8 +391,7 @@ Tokenizer: `sdzero_pl.tiny.build_char_tokenizer()` (one token per character, Cha
 
 Training data: the first {args.n_train} problems of the `train` split (seed {args.seed}), chat-formatted, loss on
 the assistant turn only (worked solution + `<|im_end|>`); {args.retry_fraction:.0%} of the batches are retry
-examples (attempt, neutral interjection, solution; {args.retry_slip_prob:.0%} of the attempts with an arithmetic
-slip; loss on the final solution only; see the script's docstring). {args.steps} planned steps of batch
+examples ({retry_text}; loss on the final solution only; see the script's docstring). {args.steps} planned steps of batch
 {args.batch_size}; AdamW lr {args.lr}, {args.warmup_steps} warm-up steps, cosine to {args.min_lr_ratio} x lr,
 weight decay {args.weight_decay}, betas (0.9, 0.95), grad clip {args.grad_clip}.
 
