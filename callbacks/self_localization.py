@@ -157,6 +157,23 @@ def _hidden(model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Ten
                            use_cache=False).last_hidden_state
 
 
+def _teacher_side(model: torch.nn.Module, batch: dict, top_k: int, chunk_size: int):
+    """The teacher's top-k (ids, logits) and log-probs of y's tokens, on the second copy of y."""
+    hidden = _hidden(model, batch["teacher_ids"], batch["teacher_attention_mask"])
+    h, targets = select_targets(hidden, batch["teacher_ids"], batch["teacher_mask"])
+    weight = output_weight(model)
+    topk_ids, logits, _ = teacher_topk(h, weight, top_k, chunk_size)
+    return topk_ids, logits, targets, token_logps(h, weight, targets, chunk_size)
+
+
+def _student_side(model: torch.nn.Module, batch: dict, topk_ids: torch.Tensor, chunk_size: int):
+    """The student's logits at the teacher's top-k ids and log-probs of y's tokens."""
+    hidden = _hidden(model, batch["student_ids"], batch["student_attention_mask"])
+    h, targets = select_targets(hidden, batch["student_ids"], batch["student_mask"])
+    weight = output_weight(model)
+    return gathered_logits(h, weight, topk_ids, chunk_size), targets, token_logps(h, weight, targets, chunk_size)
+
+
 def _compact(values: torch.Tensor) -> list[float]:
     return [float(f"{v:.6g}") for v in values.tolist()]
 
@@ -238,8 +255,9 @@ class SelfLocalizationLogger(L.Callback):
             if self.responses is None:
                 self.responses = self._sample(trainer.datamodule, pl_module)
             scored = self._score(trainer.datamodule, pl_module)
+        log_dir = trainer.log_dir or trainer.default_root_dir  # on every rank: Trainer.log_dir is a broadcast
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, scored)
+            self._write(trainer, pl_module, scored, log_dir)
 
     # ------------------------------------------------------------------------------------------- sampling
     def _sample(self, data: OnPolicyDataModule, pl_module: SelfDistillModule) -> list[Response]:
@@ -271,26 +289,24 @@ class SelfLocalizationLogger(L.Callback):
 
     @staticmethod
     def _score_batch(pl_module: SelfDistillModule, batch: dict, chunk: Sequence[Response]) -> list[Scored]:
-        """The training step's divergence (no grad), plus the full-vocab token KL reward, split per response."""
-        hp, teacher, student = pl_module.hparams, pl_module.teacher, pl_module.student
-        teacher_hidden = _hidden(teacher, batch["teacher_ids"], batch["teacher_attention_mask"])
-        teacher_h, teacher_targets = select_targets(teacher_hidden, batch["teacher_ids"], batch["teacher_mask"])
-        topk_ids, teacher_logits, _ = teacher_topk(teacher_h, output_weight(teacher), hp.top_k, hp.chunk_size)
-        student_hidden = _hidden(student, batch["student_ids"], batch["student_attention_mask"])
-        student_h, student_targets = select_targets(student_hidden, batch["student_ids"], batch["student_mask"])
+        """The training step's divergence (no grad), plus the full-vocab token KL reward, split per response. Each
+        role is scored through ``pl_module.score``, so FSDP-sharded models are gathered as in training."""
+        hp = pl_module.hparams
+        topk_ids, teacher_logits, teacher_targets, teacher_logps = pl_module.score(
+            "teacher", _teacher_side, batch, hp.top_k, hp.chunk_size)
+        student_logits, student_targets, student_logps = pl_module.score(
+            "student", _student_side, batch, topk_ids, hp.chunk_size)
         assert torch.equal(student_targets, teacher_targets), "student y and the teacher's second copy differ"
-        student_logits = gathered_logits(student_h, output_weight(student), topk_ids, hp.chunk_size)  # (N, k)
         divergence = topk_divergence(student_logits, teacher_logits, hp.divergence, hp.forward_weight)["loss"]
-        token_reward = (token_logps(student_h, output_weight(student), student_targets, hp.chunk_size)
-                        - token_logps(teacher_h, output_weight(teacher), teacher_targets, hp.chunk_size))  # (N,)
+        token_reward = student_logps - teacher_logps  # (N,)
         counts = batch["student_mask"][:, 1:].sum(-1).tolist()
         pieces = zip(student_targets.split(counts), divergence.split(counts), token_reward.split(counts))
         return [Scored(r, ids.tolist(), _compact(d), _compact(t)) for r, (ids, d, t) in zip(chunk, pieces)]
 
     # -------------------------------------------------------------------------------------------- outputs
-    def _write(self, trainer: L.Trainer, pl_module: SelfDistillModule, scored: list[Scored]) -> None:
+    def _write(self, trainer: L.Trainer, pl_module: SelfDistillModule, scored: list[Scored], log_dir: str) -> None:
         step, tokenizer = trainer.global_step, pl_module.tokenizer
-        directory = os.path.join(trainer.log_dir or trainer.default_root_dir, self.dirname, f"step_{step}")
+        directory = os.path.join(log_dir, self.dirname, f"step_{step}")
         os.makedirs(directory, exist_ok=True)
         report = bucket_report(scored, self.num_buckets, self.per_response)
         with open(os.path.join(directory, "data.json"), "w", encoding="utf-8") as handle:

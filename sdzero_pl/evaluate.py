@@ -426,7 +426,8 @@ class BenchmarkEval(L.Callback):
             behaviour = behaviour_metrics([r.completion for r in records], phrases, [r.tokens for r in records],
                                           prefix="eval/behaviour")
             pl_module.log_dict(behaviour, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+        log_dir = trainer.log_dir or trainer.default_root_dir  # on every rank: Trainer.log_dir is a broadcast
         if trainer.is_global_zero:
             settings = _settings(self.rollout, self.data, num_samples=self.num_samples, pass_k=self.pass_k,
                                  global_step=trainer.global_step, seed=self.seed)
-            write_results(results, trainer.log_dir or trainer.default_root_dir, f"step{trainer.global_step}", settings)
+            write_results(results, log_dir, f"step{trainer.global_step}", settings)

@@ -32,11 +32,19 @@ trainer:
       init_args:
         every_n_steps: 1
 """
+# The same, plus the self-localization logger scoring through the sharded roles (it must not change the weights).
+SYNC_AND_LOCALIZATION = SYNC_EVERY_STEP + """\
+    - class_path: callbacks.SelfLocalizationLogger
+      init_args:
+        num_responses: 4
+        every_n_steps: 1
+        batch_size: 2
+"""
 
 
-def _args(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    override = tmp_path / "sync.yaml"
-    override.write_text(SYNC_EVERY_STEP)
+def _args(tmp_path: Path, name: str, *extra: str, callbacks: str = SYNC_EVERY_STEP) -> list[str]:
+    override = tmp_path / f"{name}_callbacks.yaml"
+    override.write_text(callbacks)
     return [
         "fit", "--config", "configs/tiny/sdzero.yaml", "--config", str(override),
         "--trainer.max_epochs=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
@@ -61,9 +69,11 @@ def _exported(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-def _two_processes(tmp_path: Path, name: str, *strategy: str) -> dict[str, torch.Tensor]:
+def _two_processes(tmp_path: Path, name: str, *strategy: str, callbacks: str = SYNC_EVERY_STEP
+                   ) -> dict[str, torch.Tensor]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    args = _args(tmp_path, name, "--trainer.devices=2", "--trainer.accumulate_grad_batches=2", *strategy)
+    args = _args(tmp_path, name, "--trainer.devices=2", "--trainer.accumulate_grad_batches=2", *strategy,
+                 callbacks=callbacks)
     done = subprocess.run([sys.executable, "main.py", *args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return _exported(tmp_path / name / "hf")
@@ -88,8 +98,12 @@ def test_fsdp2_with_two_cpu_processes_matches_one_process(single_run, tmp_path):
     fsdp2 = _two_processes(
         tmp_path, "fsdp2", "--trainer.strategy.class_path=lightning.pytorch.strategies.ModelParallelStrategy",
         "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.strategy.init_args.tensor_parallel_size=1",
+        callbacks=SYNC_AND_LOCALIZATION,
     )
     _assert_same_weights(fsdp2, single_run, "checkpoints/tiny-random")
+    # The self-localization logger scored the fixed responses through the sharded student and teacher.
+    reports = sorted((tmp_path / "fsdp2").rglob("self_localization/step_*/data.json"))
+    assert len(reports) >= 2, reports  # at the start and after each optimizer step
 
 
 def _vllm_importable() -> bool:
