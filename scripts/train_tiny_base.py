@@ -50,9 +50,9 @@ from sdzero_pl.tasks.arithmetic import (
     Problem,
     TaskSettings,
     add_settings_arguments,
+    feedback_retry_example,
     generate_split,
     iter_problems,
-    feedback_retry_example,
     retry_example,
     settings_from_args,
 )
@@ -86,9 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--n_train", type=int, default=40_000, help="training problems (train split)")
     g.add_argument(
         "--retry_fraction", type=float, default=0.5,
-        help="share of batches made of retry examples (attempt, neutral interjection, solution; see module doc)",
+        help="share of batches made of retry examples (attempt, interjection, solution; see module doc)",
     )  # fmt: skip
-    g.add_argument("--retry_slip_prob", type=float, default=0.5, help="share of retry first attempts that are wrong (neutral style: an arithmetic slip)")
+    g.add_argument("--retry_slip_prob", type=float, default=0.5,
+                   help="share of retry first attempts that are wrong (neutral style: an arithmetic slip)")
     g.add_argument(
         "--retry_style", choices=("neutral", "feedback"), default="feedback",
         help="neutral: the interjection says nothing about the attempt; feedback: it says whether the attempt was "

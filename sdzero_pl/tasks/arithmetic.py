@@ -325,22 +325,6 @@ def settings_from_args(args: argparse.Namespace) -> TaskSettings:
     return TaskSettings(**{name: getattr(args, name) for name in asdict(TaskSettings())})
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a split of the arithmetic word-problem task as JSONL.")
-    parser.add_argument("--split", required=True, choices=SPLITS)
-    parser.add_argument("--n", type=int, required=True, help="number of problems")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output .jsonl path")
-    add_settings_arguments(parser)
-    args = parser.parse_args(argv)
-    path = write_jsonl(generate_split(args.split, args.n, args.seed, settings_from_args(args)), args.out)
-    print(f"wrote {args.n} {args.split} problems to {path}")
-
-
-if __name__ == "__main__":
-    main()
-
-
 # ----------------------------------------------------------------------------------------------------- reward
 _STEP = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)")
 
@@ -387,3 +371,20 @@ class ArithmeticReward(MathReward):
                 if batch.errors:
                     batch.errors[i] = "the worked steps do not add up"
         return batch
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a split of the arithmetic word-problem task as JSONL.")
+    parser.add_argument("--split", required=True, choices=SPLITS)
+    parser.add_argument("--n", type=int, required=True, help="number of problems")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output .jsonl path")
+    add_settings_arguments(parser)
+    args = parser.parse_args(argv)
+    path = write_jsonl(generate_split(args.split, args.n, args.seed, settings_from_args(args)), args.out)
+    print(f"wrote {args.n} {args.split} problems to {path}")
+
+
+if __name__ == "__main__":
+    main()
+
