@@ -235,10 +235,7 @@ def train(args: argparse.Namespace, seed: int, method: str) -> None:
     config, fixed = SUITES[args.suite].configs[method]
     run_dir = out / method
     data_dir = [f"--data.output_dir={run_dir / DATA_DIRS[method]}"] if method in DATA_DIRS else []
-    if not demo._done(run_dir / "hf_model"):
-        cli(["fit", "--config", str(config), f"--seed_everything={seed}", f"--model.model_name_or_path={start}",
-             f"--model.export_dir={run_dir / 'hf_model'}", f"--trainer.default_root_dir={run_dir}",
-             f"--trainer.logger.init_args.save_dir={run_dir}", f"--data.seed={seed}", *fixed, *data_dir, *extra])
+    demo.fit(config, run_dir, start, seed, [*fixed, *data_dir, *extra])
 
 
 def evaluate(args: argparse.Namespace, seed: int, method: str) -> None:

@@ -46,25 +46,26 @@ def _done(export: Path) -> bool:
     return (export / "config.json").exists() and (export / "model.safetensors").exists()
 
 
-def run_phase1(out: Path, base: str, questions: Path, seed: int, extra: list[str]) -> Path:
-    export = out / "srt" / "hf_model"
+def fit(config: Path, run_dir: Path, model: str, seed: int, flags: list[str]) -> Path:
+    """Train ``model`` with ``config`` into ``run_dir`` (logs there, HF export in ``run_dir/hf_model``), unless that
+    export already exists; returns the export directory. Every training step of the demo and of
+    ``sdzero_pl.compare`` goes through here."""
+    export = run_dir / "hf_model"
     if not _done(export):
-        cli(["fit", "--config", str(CONFIGS / "srt.yaml"), f"--seed_everything={seed}",
-             f"--model.model_name_or_path={base}", f"--model.export_dir={export}",
-             f"--trainer.default_root_dir={out / 'srt'}", f"--trainer.logger.init_args.save_dir={out / 'srt'}",
-             f"--data.dataset={questions}", f"--data.output_dir={out / 'srt' / 'srt_data'}", f"--data.seed={seed}",
-             *extra])
+        cli(["fit", "--config", str(config), f"--seed_everything={seed}", f"--model.model_name_or_path={model}",
+             f"--model.export_dir={export}", f"--trainer.default_root_dir={run_dir}",
+             f"--trainer.logger.init_args.save_dir={run_dir}", f"--data.seed={seed}", *flags])
     return export
+
+
+def run_phase1(out: Path, base: str, questions: Path, seed: int, extra: list[str]) -> Path:
+    run_dir = out / "srt"
+    return fit(CONFIGS / "srt.yaml", run_dir, base, seed,
+               [f"--data.dataset={questions}", f"--data.output_dir={run_dir / 'srt_data'}", *extra])
 
 
 def run_phase2(out: Path, srt: Path, questions: Path, seed: int, extra: list[str]) -> Path:
-    export = out / "sdzero" / "hf_model"
-    if not _done(export):
-        cli(["fit", "--config", str(CONFIGS / "sdzero.yaml"), f"--seed_everything={seed}",
-             f"--model.model_name_or_path={srt}", f"--model.export_dir={export}",
-             f"--trainer.default_root_dir={out / 'sdzero'}", f"--trainer.logger.init_args.save_dir={out / 'sdzero'}",
-             f"--data.dataset={questions}", f"--data.seed={seed}", *extra])
-    return export
+    return fit(CONFIGS / "sdzero.yaml", out / "sdzero", str(srt), seed, [f"--data.dataset={questions}", *extra])
 
 
 def evaluate(out: Path, name: str, model: str, heldout: Path, seed: int, extra: list[str]) -> dict:

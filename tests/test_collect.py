@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from sdzero_pl.budget import BudgetLedger
 from sdzero_pl.collect import (TraceCollector, chunk_seed, clean_traces, load_traces, read_trace_file, strip_opener,
@@ -33,13 +32,7 @@ from sdzero_pl.sequences import strip_stop
 PHRASES = control_phrases("paper")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only thrash (10-50x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class ScriptedRollout(RolloutBackend):

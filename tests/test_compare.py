@@ -118,7 +118,8 @@ def test_bad_flags_are_named(argv, message, capsys):
 def test_qwen_suite_takes_the_qwen_configs_and_the_control_gets_sdzero_flags(tmp_path, monkeypatch):
     assert all(config.exists() for config, _ in compare.SUITES["qwen"].configs.values())
     calls = []
-    monkeypatch.setattr(compare, "cli", calls.append)
+    monkeypatch.setattr(compare, "cli", calls.append)  # evaluation
+    monkeypatch.setattr(compare.demo, "cli", calls.append)  # training (demo.fit)
     parser = compare.build_parser()
     args = parser.parse_args(["--suite", "qwen", "--out", str(tmp_path), "--sdzero-arg=--trainer.max_epochs=1",
                               "--control-arg=--data.seed=7"])
@@ -146,6 +147,7 @@ def test_qwen_suite_steps_parse_with_the_flags_compare_adds(tmp_path, monkeypatc
         assert exit_info.value.code == 0, argv
 
     monkeypatch.setattr(compare, "cli", print_config)
+    monkeypatch.setattr(compare.demo, "cli", print_config)
     parser = compare.build_parser()
     args = parser.parse_args(["--suite", "qwen", "--out", str(tmp_path)])
     compare.check_args(parser, args)

@@ -22,13 +22,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PHRASES = control_phrases("paper")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_handcrafted_traces(path: Path, tokenizer, ids: range) -> str:

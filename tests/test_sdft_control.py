@@ -34,13 +34,7 @@ from sdzero_pl.sequences import pad_sequences
 P_1, P_0 = CONTROL_PRESETS["paper"][1], CONTROL_PRESETS["paper"][0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
