@@ -2,9 +2,10 @@
 (TeacherSync changes the teacher; VLLMWeightRefresh changes the rollout engine; neither touches the student)."""
 
 from callbacks.behaviour import RolloutBehaviourLogger
+from callbacks.benchmark_eval import BenchmarkEval
 from callbacks.self_localization import SelfLocalizationLogger
 from callbacks.teacher_sync import TeacherSync
 from callbacks.vllm_refresh import VLLMWeightRefresh
-from sdzero_pl.evaluate import BenchmarkEval  # defined next to the evaluation it runs
+
 
 __all__ = ["BenchmarkEval", "RolloutBehaviourLogger", "SelfLocalizationLogger", "TeacherSync", "VLLMWeightRefresh"]

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import lightning as L
 
-from sdzero_pl.metrics import DEFAULT_PHRASES, behaviour_metrics, phrase_pattern, phrase_slug
-from sdzero_pl.prompts import CONTROL_PRESETS
+from sdzero_pl.evaluation.metrics import DEFAULT_PHRASES, behaviour_metrics, phrase_pattern, phrase_slug
+from sdzero_pl.core.prompts import CONTROL_PRESETS
 
 COMPLETIONS_ATTRIBUTE = "last_completions"  # the data-module attribute this callback reads
 

@@ -32,14 +32,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from sdzero_pl.distill import SelfDistillModule
-from sdzero_pl.losses import gathered_logits, teacher_topk, topk_divergence
-from sdzero_pl.metrics import bucket_shares, mean_bucket_shares
-from sdzero_pl.models import backbone, output_weight
-from sdzero_pl.onpolicy import OnPolicyDataModule
-from sdzero_pl.plots import bucket_figure, require_matplotlib
-from sdzero_pl.prompts import control_text, encode_prompts, stop_token_ids
-from sdzero_pl.sequences import build_distill_example, collate_distill, position_ids, select_targets
+from sdzero_pl.phase2.distill import SelfDistillModule
+from sdzero_pl.core.losses import gathered_logits, teacher_topk, topk_divergence
+from sdzero_pl.evaluation.metrics import bucket_shares, mean_bucket_shares
+from sdzero_pl.core.models import backbone, output_weight
+from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
+from sdzero_pl.evaluation.plots import bucket_figure, require_matplotlib
+from sdzero_pl.core.prompts import control_text, encode_prompts, stop_token_ids
+from sdzero_pl.core.sequences import build_distill_example, collate_distill, position_ids, select_targets
 
 
 @dataclass

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 from sdzero_pl.rollout import RolloutBackend, RolloutCallback, VLLMRollout
-from sdzero_pl.sharding import full_named_tensors
+from sdzero_pl.core.sharding import full_named_tensors
 
 
 class VLLMWeightRefresh(RolloutCallback):

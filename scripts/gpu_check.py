@@ -35,7 +35,7 @@ def result(step: str, **figures) -> None:
 
 
 def build(directory: str) -> None:
-    from sdzero_pl.tiny import save_tiny_model
+    from sdzero_pl.core.tiny import save_tiny_model
 
     sizes = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                   intermediate_size=128) if SMOKE else
@@ -51,7 +51,7 @@ def build(directory: str) -> None:
 
 
 def _gap(rollouts, model, tokenizer, prompts) -> float:
-    from sdzero_pl.staleness import logprob_gap, sampled_token_logps
+    from sdzero_pl.rollout.staleness import logprob_gap, sampled_token_logps
 
     trainer_logps = sampled_token_logps(model, prompts, [r.completion_ids for r in rollouts], tokenizer.pad_token_id,
                                         batch_size=32)
@@ -64,10 +64,10 @@ def _agreement(a, b) -> float:
 
 
 def engine(directory: str) -> None:
-    from sdzero_pl.models import load_model, load_tokenizer
-    from sdzero_pl.prompts import encode_prompts, stop_token_ids
+    from sdzero_pl.core.models import load_model, load_tokenizer
+    from sdzero_pl.core.prompts import encode_prompts, stop_token_ids
     from sdzero_pl.rollout import HFRollout, VLLMRollout
-    from sdzero_pl.sharding import full_named_tensors
+    from sdzero_pl.core.sharding import full_named_tensors
 
     model = load_model(directory, DTYPE).to(DEVICE).eval()
     tokenizer = load_tokenizer(directory)

@@ -63,7 +63,7 @@ from sdzero_pl.tasks.evaluate import (
     revision_check,
     summarize_samples,
 )
-from sdzero_pl.tiny import build_char_tokenizer, tiny_qwen3_config
+from sdzero_pl.core.tiny import build_char_tokenizer, tiny_qwen3_config
 
 IGNORE = -100
 
@@ -384,7 +384,7 @@ command to reproduce it (Ctrl-C during a run leaves this directory untouched).
 Qwen3ForCausalLM trained from random init: hidden {args.hidden_size}, {args.num_hidden_layers} layers,
 {args.num_attention_heads} heads x head_dim {args.head_dim} ({args.num_key_value_heads} KV heads), MLP
 {args.intermediate_size}, tied embeddings, float32, {r['n_params']:,} parameters, {r['size_mb']:.1f} MB on disk.
-Tokenizer: `sdzero_pl.tiny.build_char_tokenizer()` (one token per character, ChatML, eos `<|im_end|>`).
+Tokenizer: `sdzero_pl.core.tiny.build_char_tokenizer()` (one token per character, ChatML, eos `<|im_end|>`).
 
 ## Task (`sdzero_pl.tasks.arithmetic`)
 

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sdzero_pl.tiny import save_tiny_model  # noqa: E402
+from sdzero_pl.core.tiny import save_tiny_model  # noqa: E402
 
 
 

@@ -25,11 +25,11 @@ def test_every_config_parses(config, capsys):
 
 def test_help_documents_module_and_data_arguments(capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--model.help", "sdzero_pl.distill.SelfDistillModule"])
+        main(["fit", "--model.help", "sdzero_pl.phase2.SelfDistillModule"])
     text = capsys.readouterr().out
     assert "--model.top_k" in text and "teacher top-k ids the divergence is computed over" in text
     with pytest.raises(SystemExit):
-        main(["fit", "--data.help", "sdzero_pl.onpolicy.OnPolicyDataModule"])
+        main(["fit", "--data.help", "sdzero_pl.phase2.OnPolicyDataModule"])
     assert "questions per epoch (all ranks together)" in capsys.readouterr().out
 
 

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sdzero_pl.rollout.base import Rollout, RolloutBackend, split_at_stop
-from sdzero_pl.sequences import pad_sequences
+from sdzero_pl.core.sequences import pad_sequences
 
 
 class HFRollout(RolloutBackend):

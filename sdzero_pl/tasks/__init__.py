@@ -1,5 +1,13 @@
-"""Verifiable tasks generated locally (no download), used by the embedded CPU demo."""
+"""Verifiable tasks: each domain owns how its questions are read and how an answer is graded.
 
-from sdzero_pl.tasks.arithmetic import SPLITS, Problem, TaskSettings, generate_split, iter_problems, write_jsonl
+``reward = verifier(completions, answers)`` returns a :class:`RewardBatch`; verifiers are chosen in YAML by
+``class_path`` (``sdzero_pl.tasks.MathReward``, ``sdzero_pl.tasks.CodeReward``, ``sdzero_pl.tasks.ArithmeticReward``).
+"""
 
-__all__ = ["SPLITS", "Problem", "TaskSettings", "generate_split", "iter_problems", "write_jsonl"]
+from sdzero_pl.tasks.base import RewardBatch, Verifier
+from sdzero_pl.tasks.math import MathReward, extract_last_boxed
+from sdzero_pl.tasks.code import CodeReward, extract_code
+from sdzero_pl.tasks.arithmetic import ArithmeticReward
+
+__all__ = ["RewardBatch", "Verifier", "MathReward", "CodeReward", "ArithmeticReward", "extract_last_boxed",
+           "extract_code"]

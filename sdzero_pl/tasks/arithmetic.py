@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from sdzero_pl.rewards import RewardBatch
-from sdzero_pl.rewards.math import MathReward
+from sdzero_pl.tasks.base import RewardBatch
+from sdzero_pl.tasks.math import MathReward
 
 # Share of the problem space owned by each split (hash partition, see `split_of`).
 SPLIT_SHARES = {"train": 0.70, "phase1": 0.10, "phase2": 0.10, "heldout": 0.10}

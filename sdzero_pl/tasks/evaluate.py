@@ -1,7 +1,7 @@
 """Quick accuracy check of an HF causal LM on a split of the arithmetic task (HF ``generate``, CPU friendly).
 
 A small stand-in until the project's full eval module: one sample per question, batched with left padding,
-scored by :class:`~sdzero_pl.rewards.MathReward` (last ``\\boxed{}`` against the reference answer).
+scored by :class:`~sdzero_pl.tasks.MathReward` (last ``\\boxed{}`` against the reference answer).
 
     python -m sdzero_pl.tasks.evaluate --model checkpoints/tiny-arith --split heldout --n 200 --temperature 0.7
 """
@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from sdzero_pl.prompts import control_phrases, control_text, render_prompt
-from sdzero_pl.rewards import MathReward, extract_last_boxed
+from sdzero_pl.core.prompts import control_phrases, control_text, render_prompt
+from sdzero_pl.tasks.math import MathReward, extract_last_boxed
 from sdzero_pl.tasks.arithmetic import Problem, add_settings_arguments, generate_split, settings_from_args
 
 

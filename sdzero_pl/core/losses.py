@@ -1,0 +1,173 @@
+"""Distillation losses for Phase 2 (SPEC "Phase 2", step 4): pure functions, tensors in, tensors out.
+
+The teacher's top-k ids (k = 64) are found in a no-grad pass; both distributions are renormalised over those k
+ids and compared per token:
+
+* ``reverse``: KL(student || teacher), the paper's Eq. 4;
+* ``forward``: KL(teacher || student);
+* ``mixed``:  w * forward + (1 - w) * reverse, the reference code's default with w = 0.5.
+
+Never materialise [batch, seq, vocab] logits: the teacher's top-k is computed over chunks of tokens, and the
+student's logits are computed ONLY at the k ids (``h . W[id]``), by an autograd function that recomputes the
+gathered weight rows chunk by chunk in backward instead of saving them. The renormalisation over the k ids
+cancels the student's full-vocab normaliser, so nothing else is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DIVERGENCES = ("reverse", "forward", "mixed")
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half precision is upcast to float32 for the softmax maths; float64 stays float64 (exactness tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def reverse_kl(student_logps: torch.Tensor, teacher_logps: torch.Tensor) -> torch.Tensor:
+    """KL(student || teacher) per row: sum_k p_s (log p_s - log p_t). (N, k), (N, k) -> (N,)"""
+    return (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
+
+
+def forward_kl(student_logps: torch.Tensor, teacher_logps: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per row: sum_k p_t (log p_t - log p_s). (N, k), (N, k) -> (N,)"""
+    return (teacher_logps.exp() * (teacher_logps - student_logps)).sum(-1)
+
+
+def check_divergence(divergence: str, forward_weight: float) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"`divergence` must be one of {DIVERGENCES}, got {divergence!r}")
+    if not 0.0 <= forward_weight <= 1.0:
+        raise ValueError(f"`forward_weight` must be in [0, 1], got {forward_weight}")
+
+
+def topk_divergence(
+    student_topk_logits: torch.Tensor,
+    teacher_topk_logits: torch.Tensor,
+    divergence: str = "mixed",
+    forward_weight: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """Per-token divergence over the teacher's top-k ids, both renormalised over those ids.
+
+    student_topk_logits (N, k) carries the gradient; teacher_topk_logits (N, k) is detached here (stop-grad).
+    Returns ``{"loss": (N,), "kl_forward": (N,), "kl_reverse": (N,)}``; only "loss" depends on ``divergence``.
+    """
+    check_divergence(divergence, forward_weight)
+    student_logps = F.log_softmax(_upcast(student_topk_logits), dim=-1)  # (N, k)
+    teacher_logps = F.log_softmax(_upcast(teacher_topk_logits.detach()), dim=-1)  # (N, k)
+    kl_forward = forward_kl(student_logps, teacher_logps)  # (N,)
+    kl_reverse = reverse_kl(student_logps, teacher_logps)  # (N,)
+    if divergence == "reverse":
+        loss = kl_reverse
+    elif divergence == "forward":
+        loss = kl_forward
+    else:
+        loss = forward_weight * kl_forward + (1.0 - forward_weight) * kl_reverse
+    return {"loss": loss, "kl_forward": kl_forward, "kl_reverse": kl_reverse}
+
+
+@torch.no_grad()
+def teacher_topk(
+    hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk_size: int = 512
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids and logits of ``hidden @ weight.T``, chunked over tokens; also the top-k probability mass.
+
+    hidden (N, H), weight (V, H) -> ids (N, k), logits (N, k), mass (N,) = sum of the k full-vocab probs; logits and
+    mass in float32 (float64 for float64 inputs).
+    """
+    if not 1 <= k <= weight.shape[0]:
+        raise ValueError(f"`top_k` must be in [1, vocab size {weight.shape[0]}], got {k}")
+    n = hidden.shape[0]
+    ids = torch.empty(n, k, dtype=torch.long, device=hidden.device)
+    dtype = _upcast(hidden[:0]).dtype
+    logits = torch.empty(n, k, dtype=dtype, device=hidden.device)
+    mass = torch.empty(n, dtype=dtype, device=hidden.device)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        full = _upcast(F.linear(hidden[start:stop], weight))  # (n, V), one chunk only
+        values, indices = full.topk(k, dim=-1)  # (n, k)
+        ids[start:stop], logits[start:stop] = indices, values
+        mass[start:stop] = (values.logsumexp(-1) - full.logsumexp(-1)).exp()
+    return ids, logits, mass
+
+
+# Elements of the (n, k, H) gathered-rows buffer: the token chunk of the gathered head is capped so that buffer
+# stays near 64 MB in float32 whatever k and H are (perf/bench_distill_loss.py measured it).
+_ROWS_BUDGET = 1 << 24
+
+
+def _row_chunk(chunk_size: int, ids: torch.Tensor, hidden: torch.Tensor) -> int:
+    return max(1, min(chunk_size, _ROWS_BUDGET // max(1, ids.shape[-1] * hidden.shape[-1])))
+
+
+class _GatheredLogits(torch.autograd.Function):
+    """logits[n, j] = hidden[n] . weight[ids[n, j]], saving only (hidden, weight, ids) for backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, chunk_size):  # (N, H), (V, H), (N, k) -> (N, k)
+        out = torch.empty(ids.shape, dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
+        step = _row_chunk(chunk_size, ids, hidden)
+        for start in range(0, hidden.shape[0], step):
+            stop = min(start + step, hidden.shape[0])
+            rows = _upcast(F.embedding(ids[start:stop], weight))  # (n, k, H)
+            out[start:stop] = torch.einsum("nh,nkh->nk", _upcast(hidden[start:stop]), rows)
+            del rows  # free before the next chunk's gather
+        ctx.save_for_backward(hidden, weight, ids)
+        ctx.step = step
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # (N, k)
+        hidden, weight, ids = ctx.saved_tensors
+        grad_hidden = _upcast(torch.zeros_like(hidden)) if ctx.needs_input_grad[0] else None
+        grad_weight = _upcast(torch.zeros_like(weight)) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.step):
+            stop = min(start + ctx.step, hidden.shape[0])
+            g = _upcast(grad_out[start:stop])  # (n, k)
+            h = _upcast(hidden[start:stop])  # (n, H)
+            if grad_hidden is not None:
+                rows = _upcast(F.embedding(ids[start:stop], weight))  # (n, k, H)
+                grad_hidden[start:stop] = torch.einsum("nk,nkh->nh", g, rows)
+            else:
+                rows = torch.empty(*g.shape, h.shape[-1], dtype=h.dtype, device=h.device)
+            if grad_weight is not None:
+                torch.mul(g.unsqueeze(-1), h.unsqueeze(1), out=rows)  # (n, k, H), reusing the rows buffer
+                grad_weight.index_add_(0, ids[start:stop].reshape(-1), rows.reshape(-1, h.shape[-1]))
+            del rows
+        return (
+            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None,
+            None,
+        )
+
+
+def gathered_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
+    """Student logits at the given ids only, with gradient: (N, H), (V, H), (N, k) -> (N, k), float32 or float64."""
+    return _GatheredLogits.apply(hidden, weight, ids, chunk_size)
+
+
+def normalised_sum(per_token: torch.Tensor, global_tokens: int, accumulate: int = 1, world_size: int = 1) -> torch.Tensor:
+    """Sum of a micro-batch's per-token losses, scaled so the optimizer step sees the token mean of the GLOBAL batch.
+
+    Lightning divides each micro-batch loss by ``accumulate`` and data-parallel all-reduce averages over
+    ``world_size`` ranks; multiplying back by both and dividing by the number of valid tokens in the whole
+    optimizer step (all micro-batches, all ranks) makes the gradient independent of how the batch is split.
+    """
+    if global_tokens <= 0:
+        return per_token.sum() * 0.0  # nothing valid in the whole step: keep the graph, contribute nothing
+    return per_token.sum() * (accumulate * world_size / global_tokens)
+
+
+def naive_topk_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    k: int,
+    divergence: str = "mixed",
+    forward_weight: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """Reference: full [N, V] logits for both models, then the same top-k divergence. For tests and benchmarks."""
+    ids = teacher_logits.detach().topk(k, dim=-1).indices  # (N, k)
+    return topk_divergence(student_logits.gather(-1, ids), teacher_logits.gather(-1, ids), divergence, forward_weight)

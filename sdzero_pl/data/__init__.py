@@ -1,0 +1,1 @@
+"""Questions and records: reading question datasets, resumable JSONL collections, micro-batch planning."""

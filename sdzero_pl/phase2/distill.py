@@ -1,0 +1,256 @@
+"""Phase 2 of SD-Zero: on-policy self-distillation of the Reviser into the Generator (SPEC "Phase 2").
+
+Per optimizer step (the batch is built by :class:`~sdzero_pl.phase2.OnPolicyDataModule`):
+
+1. the student sampled one completion y per question from its current weights;
+2. y was verified, r picked the control phrase P_r;
+3. the FROZEN teacher scores the second copy of y in ``chat(x) + y + P_r + y`` (no grad) -> its top-k ids;
+4. the student scores y in ``chat(x) + y`` at those ids only; per-token divergence over the renormalised top-k;
+5. token mean over every valid token of the global batch.
+
+Default divergence is the reference code's "mixed" (0.5 forward + 0.5 reverse); the paper's Eq. 4 is "reverse".
+At the end of ``fit`` the student is saved as a standard HF directory (model + tokenizer).
+
+Strategies by flag: DDP as is; ``--trainer.strategy=fsdp`` (FSDP1) and ModelParallelStrategy (FSDP2) shard each
+role in ``configure_model`` (``sdzero_pl/core/sharding.py``); every computation on a role goes through :meth:`score`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from sdzero_pl.core.budget import BudgetLedger
+from sdzero_pl.core.losses import check_divergence, gathered_logits, normalised_sum, teacher_topk, topk_divergence
+from sdzero_pl.core.models import backbone, load_model, load_tokenizer, output_weight
+from sdzero_pl.core.optim import build_optimizer, check_schedule, total_optimizer_steps
+from sdzero_pl.core.sequences import position_ids, select_targets
+from sdzero_pl.core.sharding import gather_state_dict, hf_model, shard_fsdp2, wrap_fsdp1
+
+
+class SelfDistillModule(L.LightningModule):
+    """Student p_theta(. | x) distilled from a frozen reviser p(. | x, y, P_r) over the teacher's top-k."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        teacher_name_or_path: str | None = None,
+        dtype: str = "bfloat16",
+        top_k: int = 64,
+        divergence: str = "mixed",
+        forward_weight: float = 0.5,
+        chunk_size: int = 512,
+        lr: float = 5e-6,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 20,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: the student's start (hub id or HF directory), normally the Phase-1 (SRT) output.
+            teacher_name_or_path: the frozen teacher; default: a copy of the student at the start of training.
+            dtype: weights dtype of both models: float32, bfloat16, float16 or float64.
+            top_k: teacher top-k ids the divergence is computed over (paper: 64).
+            divergence: "reverse" (paper Eq. 4), "forward" or "mixed" (reference code default).
+            forward_weight: weight w of the forward KL in "mixed": w * forward + (1 - w) * reverse.
+            chunk_size: tokens per chunk when computing teacher top-k and student logits (memory bound).
+            lr: AdamW learning rate (paper's launch script: 5e-6).
+            weight_decay: AdamW weight decay.
+            betas: AdamW betas.
+            warmup_steps: linear warm-up optimizer steps (reference code: 20).
+            lr_schedule: after warm-up: "constant", "cosine" or "linear" decay.
+            min_lr_ratio: floor of the decayed learning rate, as a fraction of ``lr``.
+            gradient_checkpointing: recompute the student's activations in backward to save memory.
+            export_dir: where the final HF model goes; default ``<log_dir>/hf_model``.
+        """
+        super().__init__()
+        if top_k < 1:
+            raise ValueError(f"`--model.top_k` must be >= 1, got {top_k}")
+        if chunk_size < 1:
+            raise ValueError(f"`--model.chunk_size` must be >= 1, got {chunk_size}")
+        check_divergence(divergence, forward_weight)
+        check_schedule(lr_schedule, warmup_steps, 0.0)
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(model_name_or_path)
+        self.student: torch.nn.Module | None = None
+        self.teacher: torch.nn.Module | None = None
+        self.sharding: str | None = None  # None (single device / DDP), "fsdp1" or "fsdp2"
+        self.budget = {"generations": 0, "tokens": 0}  # Phase-2 rollouts generated so far, all ranks
+
+    # ------------------------------------------------------------------------------------------------ models
+    def configure_model(self) -> None:
+        if self.student is not None:
+            return
+        hp = self.hparams
+        self.student = load_model(hp.model_name_or_path, hp.dtype)
+        self.student.train()
+        if hp.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.student.config.use_cache = False
+        if hp.teacher_name_or_path:
+            self.teacher = load_model(hp.teacher_name_or_path, hp.dtype)
+        else:
+            self.teacher = copy.deepcopy(self.student)
+        self.teacher.eval()
+        self.teacher.requires_grad_(False)
+        self._shard()
+
+    def _shard(self) -> None:
+        """Shard both roles the same way (the teacher in its own units), as the trainer's strategy asks."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        trainer = self._trainer  # None when configure_model is called outside a Trainer
+        if self.device_mesh is not None:  # ModelParallelStrategy
+            precision = str(trainer.precision) if trainer is not None else "32-true"
+            self.student = shard_fsdp2(self.student, self.device_mesh, precision)
+            self.teacher = shard_fsdp2(self.teacher, self.device_mesh, precision)
+            self.sharding = "fsdp2"
+        elif trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
+            self.student = wrap_fsdp1(self.student, trainer.strategy)
+            self.teacher = wrap_fsdp1(self.teacher, trainer.strategy)
+            self.sharding = "fsdp1"
+        if self.sharding:
+            self.teacher.eval()  # the new wrappers too
+
+    def score(self, role: str, fn, *args):
+        """``fn(hf_model, *args)`` on the "student" or the "teacher"; when sharded, as one forward of the role's
+        FSDP root, so every parameter ``fn`` touches (decoder, final norm, tied LM head) is gathered for it."""
+        model = getattr(self, role)
+        return model(fn, *args) if self.sharding else fn(model, *args)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: never in train mode, whatever Lightning toggles
+        return self
+
+    @torch.no_grad()
+    def sync_teacher(self) -> None:
+        """Hard-copy the student into the teacher (teacher synchronization). Copies parameter by parameter, so
+        sharded models copy their local shards only."""
+        student = dict(self.student.named_parameters())
+        for name, param in self.teacher.named_parameters():
+            param.copy_(student[name].detach())
+
+    # --------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics, timings = self.distill_loss(batch)
+        n = max(int(metrics.pop("tokens")), 1)
+        self.log_dict(metrics, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log_dict({**timings, "train/tokens": float(n)}, on_step=True, on_epoch=False, batch_size=1)
+        return loss
+
+    def distill_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+        """Steps 3-5 on one micro-batch: (loss to backpropagate, per-token-mean metrics, timings)."""
+        hp = self.hparams
+        start = time.perf_counter()
+        with torch.no_grad():  # 3. the teacher scores the second copy of y
+            topk_ids, teacher_logits, topk_mass = self.score(
+                "teacher", self._teacher_topk, batch["teacher_ids"], batch["teacher_attention_mask"],
+                batch["teacher_mask"], hp.top_k, hp.chunk_size,
+            )  # (N, k), (N, k), (N,)
+        teacher_s = time.perf_counter() - start
+
+        start = time.perf_counter()  # 4. the student scores y at the teacher's top-k ids
+        student_logits = self.score(
+            "student", self._student_logits, batch["student_ids"], batch["student_attention_mask"],
+            batch["student_mask"], topk_ids, hp.chunk_size,
+        )  # (N, k)
+        terms = topk_divergence(student_logits, teacher_logits, hp.divergence, hp.forward_weight)
+        loss = normalised_sum(  # 5. token mean over the global batch
+            terms["loss"], int(batch["global_tokens"]), self.trainer.accumulate_grad_batches, self.trainer.world_size
+        )
+        student_s = time.perf_counter() - start
+
+        n = max(int(topk_ids.shape[0]), 1)
+        metrics = {
+            "train/loss": terms["loss"].detach().sum() / n,
+            "train/kl_forward": terms["kl_forward"].detach().sum() / n,
+            "train/kl_reverse": terms["kl_reverse"].detach().sum() / n,
+            "teacher/topk_mass": topk_mass.sum() / n,
+            "tokens": torch.tensor(float(topk_ids.shape[0])),
+        }
+        return loss, metrics, {"time/teacher_s": teacher_s, "time/student_s": student_s}
+
+    @staticmethod
+    def _hidden(model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, H) of the decoder, positions counted over real tokens."""
+        out = backbone(model)(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+        return out.last_hidden_state
+
+    @classmethod
+    def _teacher_topk(cls, model, ids, attention_mask, mask, top_k: int, chunk_size: int):
+        teacher_h, _ = select_targets(cls._hidden(model, ids, attention_mask), ids, mask)  # (N, H)
+        return teacher_topk(teacher_h, output_weight(model), top_k, chunk_size)
+
+    @classmethod
+    def _student_logits(cls, model, ids, attention_mask, mask, topk_ids, chunk_size: int):
+        student_h, _ = select_targets(cls._hidden(model, ids, attention_mask), ids, mask)  # (N, H)
+        return gathered_logits(student_h, output_weight(model), topk_ids, chunk_size)
+
+    def on_train_epoch_start(self) -> None:
+        stats = self.trainer.datamodule.rollout_stats  # this epoch's rollouts, generated just before this hook
+        if stats:
+            self.log_dict(stats, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+            counts = torch.tensor([stats["rollout/generations"], stats["rollout/generated_tokens"]],
+                                  dtype=torch.float64, device=self.device)
+            generations, tokens = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()  # all ranks
+            self.budget["generations"] += int(generations)
+            self.budget["tokens"] += int(tokens)
+            self.log_dict({"budget/phase2_generations": float(self.budget["generations"]),
+                           "budget/phase2_tokens": float(self.budget["tokens"])}, on_step=False, on_epoch=True,
+                          batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sdzero_budget"] = dict(self.budget)  # a resumed run keeps counting from here
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.budget = dict(checkpoint.get("sdzero_budget", {"generations": 0, "tokens": 0}))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.sharding == "fsdp1" and gradient_clip_val:  # Lightning's FSDP1 plugin cannot clip by norm itself
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError("`--trainer.gradient_clip_algorithm` must be 'norm' with FSDP, got "
+                                 f"{gradient_clip_algorithm!r}")
+            self.student.clip_grad_norm_(gradient_clip_val)  # the root's norm over all shards
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        steps = self.trainer.datamodule.optimizer_steps_per_epoch(
+            self.trainer.world_size, self.trainer.accumulate_grad_batches
+        )
+        return build_optimizer(
+            self.student.parameters(), hp.lr, hp.weight_decay, hp.betas, total_optimizer_steps(self.trainer, steps),
+            hp.warmup_steps, 0.0, hp.lr_schedule, hp.min_lr_ratio,
+        )
+
+    # ----------------------------------------------------------------------------------------------- export
+    def export_path(self) -> str:
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        return self.hparams.export_dir or os.path.join(root, "hf_model")
+
+    def on_train_end(self) -> None:
+        path = self.export_path()
+        # sharded: full tensors gathered one at a time, kept on rank 0 only (no second full copy on other ranks)
+        state = gather_state_dict(self.student) if self.sharding else None
+        if self.trainer.is_global_zero:
+            hf_model(self.student).save_pretrained(path, **({"state_dict": state} if self.sharding else {}))
+            self.tokenizer.save_pretrained(path)
+            ledger = BudgetLedger(os.path.join(path, "budget.json"))
+            start_budget = os.path.join(self.hparams.model_name_or_path, "budget.json")
+            if os.path.isfile(start_budget):  # the Phase-1 generations that made the student's start
+                ledger.merge(start_budget)
+            ledger.set("phase2/rollout", self.budget["generations"], self.budget["tokens"])
+            rank_zero_info(f"student saved as a Hugging Face model in {path}; sample budget: {ledger.summary()}")
+        self.trainer.strategy.barrier("export")

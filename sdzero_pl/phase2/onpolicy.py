@@ -1,0 +1,376 @@
+"""On-policy DataModule for Phase 2 (SPEC "Phase 2", steps 1-3 and 5).
+
+Every epoch (``reload_dataloaders_every_n_epochs=1``) it takes the next ``prompts_per_epoch`` questions, samples
+ONE completion per question from the student's CURRENT weights through the rollout backend, verifies it, picks
+the control phrase P_r and builds the student / teacher sequences. Each rank generates its own share of the
+questions with its own seed stream; the data of one epoch is generated once, however often Lightning asks for
+the dataloader (``estimated_stepping_batches``, sanity checks, reloads).
+
+Each micro-batch carries ``global_tokens``: the number of valid y tokens in its whole optimizer step (all its
+micro-batches, all ranks), so the loss is the token mean of the global batch however the batch is split.
+
+Right before generating, :class:`~sdzero_pl.rollout.RolloutCallback` s run ``on_before_rollout`` (the vLLM weight
+refresh pushes the student's weights there: Lightning builds the dataloader BEFORE ``on_train_epoch_start``).
+When the backend returns the sampled tokens' log-probs, the student recomputes them for a few rollouts and
+``rollout/logprob_gap`` measures how stale the engine is (``sdzero_pl/rollout/staleness.py``).
+
+Baselines and controls on the same loop (everything else, the loss included, stays SD-Zero's):
+
+* ``teacher_context``: what the frozen teacher sees in front of y. "revision" is SD-Zero's reviser
+  ``chat(x) + y + P_r + y``; "demonstration" is SDFT (Shenfeld et al. 2026, arXiv 2601.19897), the teacher reads
+  the question with the dataset's reference solution in the user turn (:data:`DEMONSTRATION_TEMPLATE`) and scores y;
+  "answer" is the "final answer only" SDFT variant SD-Zero compares with (:data:`ANSWER_DEMONSTRATION`);
+  "question" strips (y, P_r) from the teacher's context: it scores y in the student's own context, so the loss is
+  0 until the student moves away from the frozen teacher (a "no teacher information" control).
+* ``reward_signal="shuffled"``: "same steps, no signal". The verifier still runs (``rollout/reward_mean`` logs the
+  true reward), but P_r is picked by a seeded permutation of this rank's rewards of the epoch: same rate of P_1 and
+  P_0, same steps and tokens, but P_r says nothing about y. ``rollout/control_agreement`` is the fraction of
+  examples whose phrase matches their true reward (1 with "verified").
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from sdzero_pl.core.prompts import control_phrases, control_text, encode_prompts, stop_token_ids
+from sdzero_pl.data.questions import Question, epoch_questions, read_id_file, select_questions
+from sdzero_pl.tasks import MathReward, Verifier
+from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout
+from sdzero_pl.core.sequences import DistillExample, build_distill_example, build_prefixed_example, collate_distill
+from sdzero_pl.rollout.staleness import logprob_gap, sampled_token_logps
+
+
+TEACHER_CONTEXTS = ("revision", "demonstration", "answer", "question")
+REWARD_SIGNALS = ("verified", "shuffled")
+
+# SDFT's teacher prompt (arXiv 2601.19897, Sec. 3, and its reference code idanshen/Self-Distillation): the question,
+# then the demonstration, then an invitation to answer in the model's own words.
+DEMONSTRATION_TEMPLATE = (
+    "{question}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
+    "Now answer with a response of your own, including the thinking process."
+)
+# The demonstration of the "final answer only" SDFT variant (teacher_context="answer"); ``{answer}`` is the
+# dataset's reference answer.
+ANSWER_DEMONSTRATION = "The final answer is \\boxed{{answer}}."
+
+
+def fill_template(template: str, **values: str) -> str:
+    """``template`` with each ``{name}`` replaced by ``values[name]`` in one pass: other braces (LaTeX) stay, and a
+    value that itself holds ``{question}`` is not substituted again."""
+    pattern = "|".join(re.escape("{" + name + "}") for name in values)
+    return re.sub(pattern, lambda match: values[match.group(0)[1:-1]], template)
+
+
+def teacher_question(question: Question, instruction: str, context: str, template: str) -> str:
+    """The teacher's user turn for "demonstration" / "answer" (the student's is ``question + instruction``)."""
+    text = question.question + instruction
+    if context == "demonstration":
+        assert question.solution is not None, f"question {question.id} has no solution (solution_field not set?)"
+        return fill_template(template, question=text, demonstration=question.solution)
+    assert context == "answer", f"no teacher question for teacher_context={context!r}"
+    demonstration = fill_template(ANSWER_DEMONSTRATION, answer=question.answer)
+    return fill_template(template, question=text, demonstration=demonstration)
+
+
+def shuffled_rewards(rewards: Sequence[float | None], seed: int) -> list[float | None]:
+    """The usable rewards in a seeded random order over the usable slots (None slots stay put): the same rate of
+    r=1, but which y gets which reward carries no information."""
+    slots = [i for i, r in enumerate(rewards) if r is not None]
+    values = [rewards[i] for i in slots]
+    random.Random(seed).shuffle(values)
+    out = list(rewards)
+    for i, value in zip(slots, values):
+        out[i] = value
+    return out
+
+
+def control_agreement(rewards: Sequence[float | None], control_rewards: Sequence[float | None]) -> float:
+    """Fraction of the usable examples whose control phrase is the one their true reward picks."""
+    pairs = [(r >= 0.5, c >= 0.5) for r, c in zip(rewards, control_rewards) if r is not None]
+    return sum(r == c for r, c in pairs) / max(len(pairs), 1)
+
+
+@dataclass
+class EpochData:
+    epoch: int
+    batches: list[dict]
+    stats: dict[str, float]
+    completions: list[str]
+
+
+class CollatedBatches(IterableDataset):
+    """Pre-collated micro-batches. Iterable, so Lightning does not shard it again with a DistributedSampler."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def rollout_seed(seed: int, epoch: int, rank: int) -> int:
+    """One seed stream per (run seed, epoch, rank)."""
+    return (seed * 1_000_003 + epoch * 65_537 + rank) % (2**63)
+
+
+def check_teacher_context(context: str, template: str, solution_field: str | None, reward_signal: str) -> None:
+    """Validate the baseline / control flags together (errors name the flags and the values)."""
+    if context not in TEACHER_CONTEXTS:
+        raise ValueError(f"`--data.teacher_context` must be one of {TEACHER_CONTEXTS}, got {context!r}")
+    if reward_signal not in REWARD_SIGNALS:
+        raise ValueError(f"`--data.reward_signal` must be one of {REWARD_SIGNALS}, got {reward_signal!r}")
+    missing = [p for p in ("{question}", "{demonstration}") if p not in template]
+    if missing:
+        raise ValueError(f"`--data.demonstration_template` must contain {' and '.join(missing)}, got {template!r}")
+    if context == "demonstration" and solution_field is None:
+        raise ValueError("`--data.teacher_context=demonstration` needs `--data.solution_field` (the column of "
+                         "reference solutions), got solution_field=None")
+    if reward_signal != "verified" and context != "revision":
+        raise ValueError(f"`--data.reward_signal={reward_signal}` only applies with `--data.teacher_context=revision` "
+                         f"(the reward reaches the teacher only through P_r), got teacher_context={context!r}")
+
+
+class OnPolicyDataModule(L.LightningDataModule):
+    """Generates Phase-2 batches each epoch from the student being trained."""
+
+    def __init__(
+        self,
+        dataset: str,
+        dataset_config: str | None = None,
+        split: str = "train",
+        question_field: str = "problem",
+        answer_field: str = "answer",
+        id_field: str | None = None,
+        instruction: str = "",
+        system_prompt: str | None = None,
+        skip_first: int = 0,
+        exclude_ids_file: str | None = None,
+        shuffle: bool = True,
+        prompts_per_epoch: int = 128,
+        batch_size: int = 8,
+        max_teacher_len: int = 8192,
+        rollout: RolloutBackend | None = None,
+        reward: Verifier | None = None,
+        control_preset: str = "paper",
+        control_correct: str | None = None,
+        control_wrong: str | None = None,
+        seed: int = 0,
+        logprob_gap_samples: int = 16,
+        teacher_context: str = "revision",
+        demonstration_template: str = DEMONSTRATION_TEMPLATE,
+        solution_field: str | None = None,
+        reward_signal: str = "verified",
+    ) -> None:
+        """
+        Args:
+            dataset: hub dataset name, or a local .json / .jsonl / .parquet file of questions.
+            dataset_config: hub dataset configuration name.
+            split: hub dataset split.
+            question_field: column holding the question text x.
+            answer_field: column holding the reference answer a.
+            id_field: column holding a unique question id (default: the row number).
+            instruction: text appended to every question (e.g. "Put your final answer within \\boxed{}.").
+            system_prompt: optional system message of the chat.
+            skip_first: leave out the first N questions (Phase 1 used them).
+            exclude_ids_file: leave out the question ids in this file (Phase 1 writes one).
+            shuffle: shuffle the question order once, with ``seed``.
+            prompts_per_epoch: questions per epoch (all ranks together); one completion each.
+            batch_size: rollouts per micro-batch on each rank.
+            max_teacher_len: token budget of the teacher sequence (x + y + P_r + y, or x' + y for the other
+                ``teacher_context`` s); y is truncated to fit.
+            rollout: the generation backend (``class_path``); default HF generate.
+            reward: the verifier (``class_path``); default the math reward.
+            control_preset: control phrases: "paper", "qwen" or "olmo".
+            control_correct: override of the r=1 control phrase.
+            control_wrong: override of the r=0 control phrase.
+            seed: seed of the question order and of the rollout seed streams.
+            logprob_gap_samples: rollouts per rank whose sampled tokens the student re-scores for
+                ``rollout/logprob_gap`` (only with a backend that returns log-probs, e.g. vLLM); 0 = off.
+            teacher_context: what the frozen teacher sees before scoring y: "revision" (SD-Zero,
+                ``chat(x) + y + P_r + y``), "demonstration" (SDFT: x with the reference solution, needs
+                ``solution_field``), "answer" (SDFT with the final answer only) or "question" (control: chat(x), the
+                student's own context).
+            demonstration_template: the teacher's user turn for "demonstration" / "answer", with the placeholders
+                {question} (x plus ``instruction``) and {demonstration}; default: SDFT's (arXiv 2601.19897).
+            solution_field: column holding a reference solution per question (SDFT's demonstration, e.g.
+                OpenR1-Math ``solution``).
+            reward_signal: "verified" (P_r from the verifier's reward) or "shuffled" (control: P_r from a seeded
+                permutation of the epoch's rewards on this rank; only with teacher_context "revision").
+        """
+        super().__init__()
+        for flag, value, low in (("prompts_per_epoch", prompts_per_epoch, 1), ("batch_size", batch_size, 1),
+                                 ("max_teacher_len", max_teacher_len, 2),
+                                 ("logprob_gap_samples", logprob_gap_samples, 0)):
+            if value < low:
+                raise ValueError(f"`--data.{flag}` must be >= {low}, got {value}")
+        check_teacher_context(teacher_context, demonstration_template, solution_field, reward_signal)
+        self.save_hyperparameters(ignore=["rollout", "reward"])
+        self.rollout = rollout or HFRollout()
+        self.reward = reward or MathReward()
+        self.phrases = control_phrases(control_preset, control_correct, control_wrong)
+        self.questions: list[Question] | None = None
+        self._epoch_data: EpochData | None = None
+        self._bound = False  # rollout backend bound to the student
+        self.rollout_stats: dict[str, float] = {}  # this epoch's rollout metrics, logged by the module
+        self.last_completions: list[str] = []  # this rank's completion texts of the latest epoch (for callbacks)
+
+    # ----------------------------------------------------------------------------------------------- questions
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and stage == "fit" and self.trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                "on-policy training needs `--trainer.reload_dataloaders_every_n_epochs=1`, got "
+                f"{self.trainer.reload_dataloaders_every_n_epochs}"
+            )
+        if self.questions is not None:
+            return
+        hp = self.hparams
+        questions = self.reward.load_questions(  # the verifier knows its kind of reference (math / code)
+            hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field, hp.id_field,
+            solution_field=hp.solution_field,
+        )
+        excluded = read_id_file(hp.exclude_ids_file) if hp.exclude_ids_file else set()
+        questions = select_questions(questions, hp.skip_first, excluded)
+        if not questions:
+            raise ValueError(f"{hp.dataset}: no questions left after skip_first={hp.skip_first} and exclusions")
+        if hp.teacher_context == "answer":
+            for q in questions:
+                if not isinstance(q.answer, str):
+                    raise ValueError(f"`--data.teacher_context=answer` needs a text answer per question (math); "
+                                     f"{hp.dataset}: question {q.id} has {type(q.answer).__name__} {q.answer!r:.80}")
+        if hp.shuffle:
+            random.Random(hp.seed).shuffle(questions)
+        self.questions = questions
+
+    def epoch_questions(self, epoch: int) -> list[Question]:
+        """The questions of one epoch (all ranks): the next ``prompts_per_epoch``, wrapping around the pool."""
+        assert self.questions is not None, "setup() must run before epoch_questions()"
+        return epoch_questions(self.questions, epoch, self.hparams.prompts_per_epoch)
+
+    def optimizer_steps_per_epoch(self, world_size: int, accumulate: int) -> int:
+        local = self.hparams.prompts_per_epoch // world_size
+        return math.ceil(math.ceil(local / self.hparams.batch_size) / accumulate)
+
+    # ------------------------------------------------------------------------------------------------ rollouts
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch
+        if self._epoch_data is None or self._epoch_data.epoch != epoch:
+            self._epoch_data = self._generate_epoch(epoch)
+            self.rollout_stats = self._epoch_data.stats
+            self.last_completions = self._epoch_data.completions
+        return DataLoader(CollatedBatches(self._epoch_data.batches), batch_size=None, num_workers=0)
+
+    def _generate_epoch(self, epoch: int) -> EpochData:
+        trainer, module = self.trainer, self.trainer.lightning_module
+        rank, world = trainer.global_rank, trainer.world_size
+        if self.hparams.prompts_per_epoch % world:
+            raise ValueError(
+                f"`--data.prompts_per_epoch` ({self.hparams.prompts_per_epoch}) must be divisible by the number "
+                f"of ranks ({world})"
+            )
+        tokenizer, stops = module.tokenizer, self.bind_rollout()
+        questions = self.epoch_questions(epoch)[rank::world]
+        prompts = encode_prompts(tokenizer, [q.question + self.hparams.instruction for q in questions],
+                                 self.hparams.system_prompt)
+        before_rollout(trainer, self.rollout, module.student)  # e.g. the vLLM weight refresh
+        start = time.perf_counter()
+        rollouts = self.rollout.generate(prompts, seed=rollout_seed(self.hparams.seed, epoch, rank),
+                                         desc=f"rollouts epoch {epoch}")
+        generate_s = time.perf_counter() - start
+        completions = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
+        verdict = self.reward(completions, [q.answer for q in questions])
+        control_stats = {}
+        if self.hparams.teacher_context == "revision":
+            controls = verdict.rewards  # the reward picks P_r ...
+            if self.hparams.reward_signal == "shuffled":  # ... or, in the control, a permutation of them does
+                controls = shuffled_rewards(verdict.rewards, rollout_seed(self.hparams.seed, epoch, rank))
+            examples = self._revision_examples(tokenizer, prompts, rollouts, controls, stops)
+            control_stats = {"rollout/control_agreement": control_agreement(verdict.rewards, controls)}
+        else:
+            examples = self._prefixed_examples(tokenizer, questions, prompts, rollouts)
+        batches = self._batches(examples, tokenizer.pad_token_id, trainer)
+        valid = [r for r in verdict.rewards if r is not None]
+        stats = {
+            "rollout/reward_mean": sum(valid) / max(len(valid), 1),
+            "rollout/len_mean": sum(len(r.completion_ids) for r in rollouts) / max(len(rollouts), 1),
+            "rollout/truncated_frac": sum(r.truncated for r in rollouts) / max(len(rollouts), 1),
+            "rollout/budget_truncated_frac": sum(e.truncated for e in examples) / max(len(examples), 1),
+            "rollout/skipped_answers": float(verdict.skipped),
+            "rollout/verify_timeouts": float(verdict.timeouts),
+            "rollout/generations": float(len(rollouts)),
+            "rollout/generated_tokens": float(sum(len(r.completion_ids) for r in rollouts)),
+            "time/generate_s": generate_s,
+            **control_stats,
+            **self._staleness(module, prompts, rollouts, tokenizer.pad_token_id),
+        }
+        return EpochData(epoch, batches, stats, completions)
+
+    def _revision_examples(self, tokenizer, prompts, rollouts, controls, stops) -> list[DistillExample]:
+        """SD-Zero's teacher ``chat(x) + y + P_r + y``, P_r picked by ``controls`` (the reward, or the control's)."""
+        examples = []
+        for prompt, rollout, reward in zip(prompts, rollouts, controls):
+            control = tokenizer.encode(control_text(self.phrases, reward or 0.0), add_special_tokens=False)
+            example = build_distill_example(prompt, rollout.completion_ids, control, stops,
+                                            self.hparams.max_teacher_len)
+            if reward is None:  # unusable reference: keep the slot (equal batch counts on all ranks), no loss
+                example.student_mask = [0] * len(example.student_mask)
+                example.teacher_mask = [0] * len(example.teacher_mask)
+            examples.append(example)
+        return examples
+
+    def _prefixed_examples(self, tokenizer, questions, prompts, rollouts) -> list[DistillExample]:
+        """Teacher ``chat(x') + y`` with x' from ``teacher_context`` (SDFT, the question-only control). The reward
+        does not reach this teacher, so rows with an unusable reference keep their loss."""
+        hp = self.hparams
+        if hp.teacher_context == "question":
+            prefixes = prompts
+        else:
+            texts = [teacher_question(q, hp.instruction, hp.teacher_context, hp.demonstration_template)
+                     for q in questions]
+            prefixes = encode_prompts(tokenizer, texts, hp.system_prompt)
+        return [build_prefixed_example(prompt, prefix, rollout.completion_ids, hp.max_teacher_len)
+                for prompt, prefix, rollout in zip(prompts, prefixes, rollouts)]
+
+    def bind_rollout(self) -> list[int]:
+        """Bind the rollout backend to the student (once; a vLLM engine is built here) and return the stop ids."""
+        module = self.trainer.lightning_module
+        stops = stop_token_ids(module.tokenizer, module.student.generation_config.eos_token_id)
+        if not self._bound:
+            self.rollout.setup(module.student, module.tokenizer, stops)
+            self._bound = True
+        return stops
+
+    def _staleness(self, module, prompts, rollouts, pad_id: int) -> dict[str, float]:
+        """``rollout/logprob_gap`` over the first ``logprob_gap_samples`` rollouts, if the engine gave log-probs."""
+        n = min(self.hparams.logprob_gap_samples, len(rollouts))
+        if n == 0 or any(r.logps is None for r in rollouts[:n]):
+            return {}
+        trainer_logps = module.score("student", sampled_token_logps, prompts[:n],
+                                     [r.completion_ids for r in rollouts[:n]], pad_id, self.hparams.batch_size,
+                                     module.hparams.chunk_size)
+        return {"rollout/logprob_gap": logprob_gap([r.logps for r in rollouts[:n]], trainer_logps)}
+
+    def _batches(self, examples: list[DistillExample], pad_id: int, trainer) -> list[dict]:
+        size, accumulate = self.hparams.batch_size, trainer.accumulate_grad_batches
+        micro = [examples[i : i + size] for i in range(0, len(examples), size)]
+        steps = [micro[i : i + accumulate] for i in range(0, len(micro), accumulate)]
+        local = torch.tensor([sum(e.num_tokens for mb in step for e in mb) for step in steps], dtype=torch.long)
+        global_tokens = trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        batches = []
+        for step, total in zip(steps, global_tokens.tolist()):
+            for mb in step:
+                batch = collate_distill(mb, pad_id)
+                batch["global_tokens"] = torch.tensor(int(total))
+                batches.append(batch)
+        return batches

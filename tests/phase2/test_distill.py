@@ -1,0 +1,164 @@
+"""SelfDistillModule + OnPolicyDataModule through a real Trainer on the tiny model."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from callbacks import TeacherSync
+from sdzero_pl.phase2.distill import SelfDistillModule
+from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
+from sdzero_pl.rollout import HFRollout
+
+
+class CountingRollout(HFRollout):
+    """HF rollouts that count generate calls (the data of one epoch must be generated once)."""
+
+    calls = 0
+
+    def generate(self, *args, **kwargs):
+        CountingRollout.calls += 1
+        return super().generate(*args, **kwargs)
+
+
+def _fit(tmp_path, model_dir, questions, *, epochs=2, batch_size=4, accumulate=1, dtype="float32", callbacks=(),
+         rollout=None, ckpt_path=None, lr=1e-2, prompts=8, logger=False, **module_kwargs):
+    module = SelfDistillModule(model_dir, dtype=dtype, top_k=8, lr=lr, warmup_steps=0,
+                               export_dir=str(tmp_path / "export"), **module_kwargs)
+    data = OnPolicyDataModule(questions, id_field="id", prompts_per_epoch=prompts, batch_size=batch_size,
+                              max_teacher_len=128, rollout=rollout or HFRollout(max_new_tokens=16, show_progress=False))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, reload_dataloaders_every_n_epochs=1,
+        accumulate_grad_batches=accumulate, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=list(callbacks),
+    )
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def test_two_steps_change_the_student_and_not_the_teacher(tmp_path, tiny_model_dir, questions_file):
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    module, trainer = _fit(tmp_path, tiny_model_dir, questions_file, epochs=2)
+    assert trainer.global_step == 4
+    before = dict(start.named_parameters())
+    changed = [n for n, p in module.student.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
+    for name, param in module.teacher.named_parameters():
+        assert torch.equal(param, before[name]) and not param.requires_grad
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+    for key in ("train/kl_forward_epoch", "train/kl_reverse_epoch", "rollout/reward_mean", "rollout/len_mean",
+                "rollout/truncated_frac", "teacher/topk_mass_epoch", "time/generate_s"):
+        assert key in trainer.callback_metrics, key
+    ledger = json.loads((tmp_path / "export" / "budget.json").read_text())
+    assert ledger["phases"]["phase2/rollout"]["generations"] == 2 * 8  # 2 epochs x 8 prompts, one sample each
+    assert ledger["phases"]["phase2/rollout"]["tokens"] > 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    for name, param in exported.named_parameters():
+        torch.testing.assert_close(param, dict(module.student.named_parameters())[name])
+
+
+class AskAgain(L.Callback):
+    """Asks for the dataloader at the extra moments Lightning and users do."""
+
+    def on_train_start(self, trainer, pl_module):
+        assert trainer.estimated_stepping_batches > 0
+
+    def on_train_batch_start(self, trainer, *args):
+        trainer.datamodule.train_dataloader()
+
+
+def test_each_epoch_generates_exactly_once(tmp_path, tiny_model_dir, questions_file):
+    CountingRollout.calls = 0
+    _fit(tmp_path, tiny_model_dir, questions_file, epochs=3, callbacks=[AskAgain()],
+         rollout=CountingRollout(max_new_tokens=8, show_progress=False))
+    assert CountingRollout.calls == 3
+
+
+def test_microbatch_split_does_not_change_the_update_float64(tmp_path, tiny_model_dir, questions_file):
+    whole, _ = _fit(tmp_path / "a", tiny_model_dir, questions_file, epochs=1, batch_size=4, accumulate=1,
+                    dtype="float64", prompts=4)
+    split, _ = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=1, batch_size=1, accumulate=4,
+                    dtype="float64", prompts=4)
+    start = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).named_parameters())
+    for (name, a), (_, b) in zip(whole.student.named_parameters(), split.student.named_parameters()):
+        assert not torch.equal(a, start[name])
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_padding_and_prompt_tokens_do_not_change_the_loss(tmp_path, tiny_model_dir, questions_file):
+    module, trainer = _fit(tmp_path, tiny_model_dir, questions_file, epochs=1, dtype="float64", prompts=4)
+    batch = trainer.datamodule._epoch_data.batches[0]
+    base = module.distill_loss(batch)[0].detach()
+    edited = {k: v.clone() for k, v in batch.items()}
+    for role in ("student", "teacher"):
+        pads = edited[f"{role}_attention_mask"] == 0
+        edited[f"{role}_ids"][pads] = 7  # different padding ids
+    assert torch.equal(module.distill_loss(edited)[0].detach(), base)
+    # a token outside the loss (the teacher's first copy) may change the loss; a padded row of zeros may not
+    wider = {k: torch.cat([v, torch.zeros_like(v[:, :3])], dim=1) if v.dim() == 2 else v for k, v in batch.items()}
+    torch.testing.assert_close(module.distill_loss(wider)[0].detach(), base)
+
+
+def test_teacher_sync_copies_the_student_every_n_steps(tmp_path, tiny_model_dir, questions_file):
+    sync = TeacherSync(every_n_steps=1)
+    module, _ = _fit(tmp_path, tiny_model_dir, questions_file, epochs=1, callbacks=[sync])
+    assert sync.syncs == 2
+    student = dict(module.student.named_parameters())
+    for name, param in module.teacher.named_parameters():
+        assert torch.equal(param, student[name]) and not param.requires_grad
+
+
+def test_plateau_sync_fires_when_the_metric_stops_improving(tmp_path, tiny_model_dir, questions_file):
+    sync = TeacherSync(monitor="train/loss_epoch", mode="max", patience=1, min_delta=1e9)
+    _fit(tmp_path, tiny_model_dir, questions_file, epochs=3, callbacks=[sync])
+    assert sync.syncs == 1  # epoch 1 "did not improve" by 1e9 -> sync; epoch 2 starts a new round
+
+
+def test_removing_other_callbacks_does_not_change_the_weights(tmp_path, tiny_model_dir, questions_file):
+    plain, _ = _fit(tmp_path / "a", tiny_model_dir, questions_file, epochs=2)
+    extra = [TeacherSync(every_n_steps=0), L.pytorch.callbacks.LearningRateMonitor(), L.pytorch.callbacks.Timer()]
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path / "tb")
+    with_callbacks, _ = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=2, callbacks=extra, logger=logger)
+    for (_, a), (_, b) in zip(plain.student.named_parameters(), with_callbacks.student.named_parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_restores_student_teacher_optimizer_and_data_position(tmp_path, tiny_model_dir, questions_file):
+    straight, _ = _fit(tmp_path / "a", tiny_model_dir, questions_file, epochs=2,
+                       callbacks=[TeacherSync(every_n_steps=3)])
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    module = SelfDistillModule(tiny_model_dir, dtype="float32", top_k=8, lr=1e-2, warmup_steps=0,
+                               export_dir=str(tmp_path / "e1"))
+    data = OnPolicyDataModule(questions_file, id_field="id", prompts_per_epoch=8, batch_size=4, max_teacher_len=128,
+                              rollout=HFRollout(max_new_tokens=16, show_progress=False))
+    first = L.Trainer(accelerator="cpu", max_epochs=1, reload_dataloaders_every_n_epochs=1, logger=False,
+                      enable_progress_bar=False, callbacks=[ckpt_cb, TeacherSync(every_n_steps=3)])
+    first.fit(module, data)
+    resumed, trainer = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=2,
+                            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), callbacks=[TeacherSync(every_n_steps=3)])
+    assert trainer.global_step == 4
+    for role in ("student", "teacher"):
+        for (name, a), (_, b) in zip(getattr(straight, role).named_parameters(), getattr(resumed, role).named_parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"{role}.{name}")
+
+
+@pytest.mark.parametrize("kwargs, flag", [({"top_k": 0}, "top_k"), ({"divergence": "js"}, "divergence"),
+                                           ({"lr_schedule": "step"}, "lr_schedule"), ({"dtype": "int8"}, "dtype")])
+def test_bad_flags_name_the_flag_and_value(tiny_model_dir, kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        module = SelfDistillModule(tiny_model_dir, **kwargs)
+        module.configure_model()
+
+
+def test_on_policy_data_needs_reloading_every_epoch(tmp_path, tiny_model_dir, questions_file):
+    module = SelfDistillModule(tiny_model_dir, dtype="float32")
+    data = OnPolicyDataModule(questions_file, rollout=HFRollout(max_new_tokens=4, show_progress=False))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
+        trainer.fit(module, data)

@@ -1,0 +1,272 @@
+"""The comparison command: its statistics against hand-computed cases, its plan and flags, the demo baselines'
+configs (budgets, SD-Zero's settings), and a shortened run end to end (failure report, resume, worker processes)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdzero_pl.pipelines import compare, demo
+
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-arith"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def test_mean_std_is_the_sample_standard_deviation():
+    assert compare.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    mean, std = compare.mean_std([0.25])
+    assert mean == 0.25 and math.isnan(std)
+    with pytest.raises(ValueError):
+        compare.mean_std([])
+
+
+def test_sign_flip_all_positive_differences_give_two_over_two_to_the_n():
+    for n in (1, 3, 5, 10):
+        assert compare.sign_flip_test([0.5] * n) == pytest.approx(2 / 2**n)
+
+
+def test_sign_flip_identical_methods_give_one():
+    assert compare.sign_flip_test([0.0] * 20) == 1.0
+    assert compare.sign_flip_test([]) == 1.0
+
+
+def test_sign_flip_hand_computed_cases():
+    # [3, 1]: flip sums 4, 2, -2, -4; |sum| >= 4 twice of 4
+    assert compare.sign_flip_test([3.0, 1.0]) == 0.5
+    # [2, 1, 1]: sums +-2 +-1 +-1 = 4, 2, 2, 0, 0, -2, -2, -4; two of 8 reach |4|; zeros never count
+    assert compare.sign_flip_test([2.0, 1.0, 1.0]) == 0.25
+    assert compare.sign_flip_test([2.0, 0.0, 1.0, 1.0, 0.0]) == 0.25
+    # balanced differences: the observed sum is 0, every flip reaches it
+    assert compare.sign_flip_test([1.0, -1.0]) == 1.0
+
+
+def test_sign_flip_is_two_sided_and_float_ties_count():
+    diffs = [0.1, 0.2, -0.05, 0.3, 0.15]
+    assert compare.sign_flip_test(diffs) == compare.sign_flip_test([-d for d in diffs])
+    assert compare.sign_flip_test([0.1] * 4) == pytest.approx(2 / 16)  # 0.1 is not exact in binary
+
+
+def test_sign_flip_random_flips_are_seeded_and_approach_the_exact_value():
+    diffs = [0.5, -0.25, 0.75, 0.25, 1.0, -0.5, 0.25, 0.5, 0.75, -0.25, 0.5, 0.25, 0.25, -0.75]  # 14: 16,384 flips
+    exact = compare.sign_flip_test(diffs, permutations=2**14)
+    sampled = compare.sign_flip_test(diffs, permutations=10_000, seed=0)
+    assert sampled == compare.sign_flip_test(diffs, permutations=10_000, seed=0)
+    assert abs(sampled - exact) < 0.02 and 0 < exact < 1
+    assert compare.sign_flip_test([1.0] * 30) == pytest.approx(1 / 10_001, abs=2 / 10_001)  # never 0
+
+
+def test_question_accuracy_counts_correct_samples_and_drops_unusable_references():
+    rows = [("b", "q1", 1.0), ("b", "q1", 0.0), ("b", "q2", 1.0), ("b", "q2", 1.0),
+            ("c", "q1", None), ("c", "q1", None)]
+    records = [{"benchmark": b, "question_id": q, "reward": r, "sample": 0} for b, q, r in rows]
+    assert compare.question_accuracy(records) == {("b", "q1"): 0.5, ("b", "q2"): 1.0}
+
+
+def test_paired_comparison_averages_seeds_per_question_then_tests():
+    def seed(*accuracy: float) -> dict:
+        return {("b", str(i)): a for i, a in enumerate(accuracy, 1)}
+
+    method, reference = [seed(1.0, 0.5, 1.0), seed(0.5, 0.5, 1.0)], [seed(0.0, 0.0, 0.5), seed(0.5, 0.0, 0.5)]
+    result = compare.paired_comparison(method, reference)  # per-question differences 0.5, 0.5, 0.5
+    assert result["mean_diff_points"] == pytest.approx(50.0) and result["questions"] == 3
+    assert result["p_value"] == pytest.approx(2 / 8)
+    same = compare.paired_comparison(reference, reference)
+    assert same["mean_diff_points"] == 0.0 and same["p_value"] == 1.0
+    missing = [{("b", "1"): 1.0, ("b", "2"): 0.5}, method[1]]  # a question missing in one seed is left out
+    assert compare.paired_comparison(missing, reference)["questions"] == 2
+    with pytest.raises(ValueError, match="same seeds"):
+        compare.paired_comparison(method[:1], reference)
+
+
+# ----------------------------------------------------------------------------------------- plan and flags
+def test_plan_trains_srt_first_and_phase2_waits_for_it():
+    steps = compare.plan(["base", "rft", "srt", "sdzero", "control"], [0, 1])
+    assert [str(s) for s in steps[:2]] == ["0:srt:train", "1:srt:train"]
+    assert all(s.kind == "train" for s in steps[:8]) and len(steps) == 8 + 10
+    assert compare.needs(compare.Step(1, "control", "train")) == [compare.Step(1, "srt", "train")]
+    assert compare.needs(compare.Step(0, "rft", "eval")) == [compare.Step(0, "rft", "train")]
+    assert compare.needs(compare.Step(0, "base", "eval")) == []
+    assert compare.Step.parse("2:sdft_answer:eval") == compare.Step(2, "sdft_answer", "eval")
+    with pytest.raises(ValueError, match="only-step"):
+        compare.Step.parse("0:base:train")
+
+
+def test_help_lists_every_method_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--seeds", "--methods", "--suite", "--jobs", "--k", "--threads", "--eval-arg", "--sdft-answer-arg",
+                 "--control-arg", "--only-step"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "base", "sdzero"], "sdzero trains from srt"),
+    (["--jobs", "0"], "--jobs"),
+    (["--seeds", "1", "1"], "--seeds"),
+])
+def test_bad_flags_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        compare.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_qwen_suite_takes_the_qwen_configs_and_the_control_gets_sdzero_flags(tmp_path, monkeypatch):
+    assert all(config.exists() for config, _ in compare.SUITES["qwen"].configs.values())
+    calls = []
+    monkeypatch.setattr(compare, "cli", calls.append)  # evaluation
+    monkeypatch.setattr(compare.demo, "cli", calls.append)  # training (demo.fit)
+    parser = compare.build_parser()
+    args = parser.parse_args(["--suite", "qwen", "--out", str(tmp_path), "--sdzero-arg=--trainer.max_epochs=1",
+                              "--control-arg=--data.seed=7"])
+    compare.check_args(parser, args)
+    compare.train(args, 0, "control")
+    compare.train(args, 0, "sdft_answer")
+    compare.evaluate(args, 0, "base")
+    control, sdft_answer, evaluation = calls
+    assert control[:3] == ["fit", "--config", str(compare.CONFIGS / "qwen_sdzero_control.yaml")]
+    assert f"--model.model_name_or_path={tmp_path}/seed0/srt/hf_model" in control
+    assert control[-2:] == ["--trainer.max_epochs=1", "--data.seed=7"]
+    assert not any(a.startswith("--data.dataset") for a in control)  # the Qwen configs hold their own splits
+    assert "--data.teacher_context=answer" in sdft_answer
+    assert "--model.model_name_or_path=Qwen/Qwen3-4B-Instruct-2507" in sdft_answer
+    assert evaluation[:3] == ["validate", "--config", str(compare.CONFIGS / "eval" / "qwen.yaml")]
+    assert "--model.save_samples=true" in evaluation and "--model.num_samples=8" in evaluation
+
+
+def test_qwen_suite_steps_parse_with_the_flags_compare_adds(tmp_path, monkeypatch, capsys):
+    from sdzero_pl.cli import main as cli
+
+    def print_config(argv: list[str]) -> None:  # parses and type-checks every flag, instantiates nothing
+        with pytest.raises(SystemExit) as exit_info:
+            cli([*argv, "--print_config"])
+        assert exit_info.value.code == 0, argv
+
+    monkeypatch.setattr(compare, "cli", print_config)
+    monkeypatch.setattr(compare.demo, "cli", print_config)
+    parser = compare.build_parser()
+    args = parser.parse_args(["--suite", "qwen", "--out", str(tmp_path)])
+    compare.check_args(parser, args)
+    for method in compare.METHODS[1:]:
+        compare.train(args, 0, method)
+    compare.evaluate(args, 0, "sdzero")
+    assert capsys.readouterr().out.count("class_path: sdzero_pl.") >= 2 * 8
+
+
+# ----------------------------------------------------------------------------------------- demo configs
+def _init_args(name: str) -> tuple[dict, dict, dict]:
+    config = yaml.safe_load((DEMO / f"{name}.yaml").read_text())
+    return config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
+
+
+def test_control_config_is_sdzero_but_for_the_reward_signal_and_paths():
+    def strip(name: str) -> dict:
+        config = yaml.safe_load((DEMO / f"{name}.yaml").read_text())
+        del config["trainer"]["default_root_dir"], config["trainer"]["logger"]["init_args"]["save_dir"]
+        del config["model"]["init_args"]["export_dir"]
+        config["data"]["init_args"].pop("reward_signal", None)
+        return config
+
+    assert _init_args("control")[2]["reward_signal"] == "shuffled"
+    assert strip("control") == strip("sdzero")
+
+
+def test_sdft_configs_use_sdzero_phase2_settings():
+    _, sdzero, sdzero_data = _init_args("sdzero")
+    for name, context in (("sdft", "demonstration"), ("sdft_answer", "answer")):
+        _, model, data = _init_args(name)
+        assert data["teacher_context"] == context
+        for key in ("lr", "top_k", "divergence"):
+            assert model[key] == sdzero[key], (name, key)
+        for key in ("prompts_per_epoch", "batch_size"):
+            assert data[key] == sdzero_data[key], (name, key)
+    assert _init_args("sdft")[2]["solution_field"] == "solution"
+
+
+def test_baselines_roughly_match_sdzero_generation_budget():
+    srt_trainer, _, srt = _init_args("srt")
+    sdzero_trainer, _, sdzero = _init_args("sdzero")
+    reference = (srt["num_questions"] * srt["inits_per_question"] * (1 + srt["revisions_per_init"])
+                 + sdzero_trainer["max_epochs"] * sdzero["prompts_per_epoch"])
+    budgets = {"rft": lambda t, d: d["num_questions"] * d["samples_per_question"],
+               "grpo": lambda t, d: t["max_epochs"] * d["prompts_per_epoch"] * d["group_size"],
+               "sdft": lambda t, d: t["max_epochs"] * d["prompts_per_epoch"],
+               "sdft_answer": lambda t, d: t["max_epochs"] * d["prompts_per_epoch"]}
+    for name, budget in budgets.items():
+        trainer, _, data = _init_args(name)
+        assert 0.8 <= budget(trainer, data) / reference <= 1.25, (name, budget(trainer, data), reference)
+    pool = demo.SPLIT_SIZES["phase1"] + demo.SPLIT_SIZES["phase2"]
+    assert _init_args("rft")[2]["num_questions"] <= pool and _init_args("grpo")[2]["num_questions"] <= pool
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+SHORT = ["--srt-arg=--data.num_questions=8", "--srt-arg=--data.questions_per_chunk=8", "--srt-arg=--data.min_traces=0",
+         "--srt-arg=--trainer.max_epochs=1", "--srt-arg=--trainer.enable_progress_bar=false",
+         "--sdzero-arg=--trainer.max_epochs=2", "--sdzero-arg=--data.prompts_per_epoch=8",
+         "--sdzero-arg=--data.batch_size=8", "--sdzero-arg=--trainer.enable_progress_bar=false",
+         "--rft-arg=--data.questions_per_chunk=8", "--rft-arg=--data.min_samples=0",
+         "--rft-arg=--trainer.max_epochs=1", "--rft-arg=--trainer.enable_progress_bar=false",
+         "--eval-arg=--data.max_questions=8", "--eval-arg=--trainer.enable_progress_bar=false"]
+
+
+def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "SPLIT_SIZES", {"phase1": 8, "phase2": 16, "heldout": 8})
+    argv = ["--out", str(tmp_path), "--base", str(SHIPPED), "--seeds", "0", "1", "--k", "2",
+            "--methods", "base", "rft", "srt", "sdzero", *SHORT]
+    # RFT broken (0 questions): named with its log; every other step finishes, and no table is written
+    assert compare.main([*argv, "--rft-arg=--data.num_questions=0"]) == 1
+    out = capsys.readouterr().out
+    assert f"seed 0 rft train failed: see {tmp_path}/seed0/rft.log" in out
+    assert "seed 1 rft eval not run: rft failed" in out
+    assert "num_questions" in (tmp_path / "seed0" / "rft.log").read_text()
+    assert not (tmp_path / "comparison.md").exists() and (tmp_path / "seed1" / "sdzero" / "hf_model").is_dir()
+
+    # fixed: only RFT's steps run again
+    assert compare.main([*argv, "--rft-arg=--data.num_questions=4"]) == 0
+    out = capsys.readouterr().out
+    assert "14 steps, 10 finished before (reused), 4 to run" in out and out.count("rft train: done in") == 2
+    table = (tmp_path / "comparison.md").read_text()
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    rows = saved["rows"]
+    assert list(rows) == ["base", "rft", "srt", "sdzero"]
+    for label in ("base", "RFT", "SRT (Phase 1)", "SD-Zero"):
+        assert f"| {label} |" in table
+    assert "| p |" in table and "reference" in table
+    assert rows["base"]["generations"]["mean"] == 0
+    assert rows["rft"]["generations"]["per_seed"] == {"0": 16, "1": 16}  # 4 questions x 4 samples
+    assert rows["srt"]["generations"]["mean"] == 32  # 8 x (1 init + 3 revisions)
+    assert rows["sdzero"]["generations"]["mean"] == 32 + 16  # cumulative: Phase 1 + 2 epochs x 8 rollouts
+    assert rows["sdzero"]["tokens"]["mean"] > rows["srt"]["tokens"]["mean"] > 0
+    for method in ("base", "rft", "srt"):
+        test = rows[method]["vs_sdzero"]
+        assert test["questions"] == 8 and 0 < test["p_value"] <= 1 and -100 <= test["mean_diff_points"] <= 100
+    assert "vs_sdzero" not in rows["sdzero"]
+    for row in rows.values():
+        assert set(row["avg@2"]["per_seed"]) == {"0", "1"} and 0 <= row["avg@2"]["mean"] <= 1
+        assert row["pass@2"]["mean"] >= row["avg@2"]["mean"]
+    assert saved["settings"]["seeds"] == [0, 1] and saved["settings"]["k"] == 2
+    assert list((tmp_path / "seed0" / "sdzero" / "eval" / "heldout").glob("samples_val_rank0.jsonl"))
+
+    # everything finished: a third run trains and evaluates nothing and gives the same table
+    monkeypatch.setattr(compare, "cli", lambda *a, **k: pytest.fail("a finished step was run again"))
+    monkeypatch.setattr(demo, "cli", lambda *a, **k: pytest.fail("a finished step was run again"))
+    assert compare.main([*argv, "--rft-arg=--data.num_questions=4"]) == 0
+    assert (tmp_path / "comparison.md").read_text() == table
+
+
+def test_parallel_workers_run_steps_in_their_own_processes_and_logs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "SPLIT_SIZES", {"phase1": 8, "phase2": 16, "heldout": 4})
+    argv = ["--out", str(tmp_path), "--base", str(SHIPPED), "--seeds", "0", "1", "--k", "1", "--methods", "base",
+            "--jobs", "2", "--eval-arg=--data.max_questions=4", "--eval-arg=--trainer.enable_progress_bar=false"]
+    assert compare.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[2/2] seed" in out and "base eval: done in" in out
+    rows = json.loads((tmp_path / "comparison.json").read_text())["rows"]
+    assert set(rows["base"]["avg@1"]["per_seed"]) == {"0", "1"}
+    assert "n/a" in (tmp_path / "comparison.md").read_text()  # no SD-Zero row: no paired test
+    for seed in (0, 1):
+        assert (tmp_path / f"seed{seed}" / "base.log").stat().st_size > 0

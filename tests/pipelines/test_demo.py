@@ -1,0 +1,58 @@
+"""The embedded default: the shipped model loads and scores what its TRAINING.md says; a shortened demo runs."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from sdzero_pl.pipelines import demo
+from sdzero_pl.tasks.arithmetic import generate_split
+from sdzero_pl.tasks.evaluate import evaluate_model_dir
+
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-arith"
+
+
+def _recorded_accuracy() -> float:
+    """The held-out accuracy TRAINING.md reports (temperature 0.7, first 200 held-out problems)."""
+    match = re.search(r"\*\*accuracy ([0-9.]+)\*\*", (SHIPPED / "TRAINING.md").read_text())
+    assert match, "TRAINING.md states the held-out accuracy"
+    return float(match.group(1))
+
+
+def test_shipped_model_is_small_and_scores_what_its_training_record_says():
+    assert sum(f.stat().st_size for f in SHIPPED.iterdir()) < 20 * 2**20
+    recorded = _recorded_accuracy()
+    assert 0.3 <= recorded <= 0.6, "deliberately imperfect: room for SD-Zero to improve"
+    n = 60
+    result = evaluate_model_dir(SHIPPED, generate_split("heldout", n, seed=0), temperature=0.7, seed=0,
+                                max_new_tokens=96, batch_size=64)
+    noise = 3 * math.sqrt(recorded * (1 - recorded) / n)  # 3 sigma of a 60-question sample
+    assert abs(result.accuracy - recorded) <= noise, (result.accuracy, recorded)
+
+
+def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "SPLIT_SIZES", {"phase1": 8, "phase2": 16, "heldout": 8})
+    args = demo.build_parser().parse_args([
+        "--out", str(tmp_path), "--base", str(SHIPPED), "--k", "2",
+        "--phase1-arg=--data.num_questions=8", "--phase1-arg=--data.questions_per_chunk=8",
+        "--phase1-arg=--data.min_traces=0", "--phase1-arg=--trainer.max_epochs=1",
+        "--phase1-arg=--trainer.enable_progress_bar=false",
+        "--phase2-arg=--trainer.max_epochs=2", "--phase2-arg=--data.prompts_per_epoch=8",
+        "--phase2-arg=--data.batch_size=8", "--phase2-arg=--trainer.enable_progress_bar=false",
+        "--eval-arg=--data.max_questions=8",
+    ])
+    summary = demo.run(args)
+    out = tmp_path / "seed0"
+    assert set(summary["results"]) == {"base", "SRT (Phase 1)", "SD-Zero (Phase 2)"}
+    for row in summary["results"].values():
+        assert 0.0 <= row["avg@2"] <= 1.0 and row["questions"] == 8
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["budgets"]["SD-Zero (Phase 2)"]["phases"]["phase2/rollout"]["generations"] == 16
+    assert saved["budgets"]["SD-Zero (Phase 2)"]["phases"]["phase1/init"]["generations"] == 8
+    assert "| SD-Zero (Phase 2) |" in (out / "results.md").read_text()
+    assert list((out / "sdzero").rglob("self_localization/step_*/data.json"))
+    # a second run reuses every finished step: nothing is trained or evaluated again
+    monkeypatch.setattr(demo, "cli", lambda *a, **k: pytest.fail("a finished step was run again"))
+    assert demo.run(args)["results"] == summary["results"]
