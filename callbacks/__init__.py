@@ -7,5 +7,4 @@ from callbacks.self_localization import SelfLocalizationLogger
 from callbacks.teacher_sync import TeacherSync
 from callbacks.vllm_refresh import VLLMWeightRefresh
 
-
 __all__ = ["BenchmarkEval", "RolloutBehaviourLogger", "SelfLocalizationLogger", "TeacherSync", "VLLMWeightRefresh"]

@@ -4,7 +4,8 @@
 The paper reports both rising in Phase 1 (SRT teaches the model to revise) and falling in Phase 2 (SD-Zero
 outputs about half SRT's length). The callback reads the data module's ``last_completions: list[str]`` (the
 completion texts of this rank's latest rollouts; the on-policy data module refreshes it each epoch, before
-``on_train_epoch_start``), so it works with either phase's data module as long as it exposes that attribute.
+``on_train_epoch_start``), so it works with any data module that provides :class:`~sdzero_pl.contracts.RolloutData`
+(Phase 2, GRPO).
 
 Logged (epoch level, averaged over ranks): ``behaviour/len_tokens_mean`` (re-tokenized with the module's
 tokenizer, special tokens not counted), ``behaviour/len_chars_mean``, ``behaviour/revision_phrases_per_response``
@@ -17,10 +18,9 @@ from __future__ import annotations
 
 import lightning as L
 
-from sdzero_pl.evaluation.metrics import DEFAULT_PHRASES, behaviour_metrics, phrase_pattern, phrase_slug
+from sdzero_pl.contracts import RolloutData, require
 from sdzero_pl.core.prompts import CONTROL_PRESETS
-
-COMPLETIONS_ATTRIBUTE = "last_completions"  # the data-module attribute this callback reads
+from sdzero_pl.evaluation.metrics import DEFAULT_PHRASES, behaviour_metrics, phrase_pattern, phrase_slug
 
 
 class RolloutBehaviourLogger(L.Callback):
@@ -55,19 +55,14 @@ class RolloutBehaviourLogger(L.Callback):
             raise ValueError(f"`RolloutBehaviourLogger.phrases` holds phrases with the same metric name: {chosen}")
         self.phrases = chosen
         self.count_tokens = count_tokens
+        self.data: RolloutData | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.datamodule is not None and not hasattr(trainer.datamodule, COMPLETIONS_ATTRIBUTE):
-            raise AttributeError(
-                f"RolloutBehaviourLogger reads `datamodule.{COMPLETIONS_ATTRIBUTE}` (a list of completion texts), "
-                f"which {type(trainer.datamodule).__name__} does not define"
-            )
+        if stage == "fit":
+            self.data = require(trainer.datamodule, RolloutData, "callbacks.RolloutBehaviourLogger")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        completions = getattr(trainer.datamodule, COMPLETIONS_ATTRIBUTE)
-        if not isinstance(completions, list) or not all(isinstance(t, str) for t in completions):
-            raise TypeError(f"`datamodule.{COMPLETIONS_ATTRIBUTE}` must be a list of strings, "
-                            f"got {type(completions).__name__}")
+        completions = self.data.last_completions
         if not completions:  # no rollouts this epoch (e.g. an empty shard): nothing to measure
             return
         token_counts = None

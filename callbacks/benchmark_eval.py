@@ -12,15 +12,23 @@ import math
 
 import lightning as L
 
+from sdzero_pl.contracts import PolicyModule, require
 from sdzero_pl.core.prompts import CONTROL_PRESETS, stop_token_ids
-from sdzero_pl.evaluation.evaluate import EvalDataModule, SampleRecord, Sampler, _settings, check_sampling, write_results
+from sdzero_pl.evaluation.evaluate import (
+    EvalDataModule,
+    Sampler,
+    SampleRecord,
+    _settings,
+    check_sampling,
+    write_results,
+)
 from sdzero_pl.evaluation.metrics import DEFAULT_PHRASES, BenchmarkScores, behaviour_metrics
-from sdzero_pl.phase2.onpolicy import rollout_seed
-from sdzero_pl.rollout import HFRollout, RolloutBackend
+from sdzero_pl.rollout import HFRollout, RolloutBackend, rollout_seed
 from sdzero_pl.tasks import MathReward, Verifier
 
+
 class BenchmarkEval(L.Callback):
-    """Evaluates the policy being trained on benchmarks every N epochs during ``fit`` (logs ``eval/<bench>/...``
+    """Evaluates the policy being trained (``pl_module.policy``, any training module) on benchmarks every N epochs during ``fit`` (logs ``eval/<bench>/...``
     and writes ``<log_dir>/eval_step<global_step>.json`` / ``.md``). It samples with its own rollout backend bound
     to the module's policy; HF generate forks the RNG and restores train mode, so training is unaffected."""
 
@@ -32,7 +40,6 @@ class BenchmarkEval(L.Callback):
         pass_k: list[int] | None = None,
         rollout: RolloutBackend | None = None,
         reward: Verifier | None = None,
-        policy_attribute: str = "student",
         log_behaviour: bool = True,
         seed: int = 0,
     ) -> None:
@@ -44,7 +51,6 @@ class BenchmarkEval(L.Callback):
             pass_k: k values of pass@k, each <= num_samples; default ``[num_samples]``.
             rollout: generation backend for the evaluation; default HF generate, temperature 0.7.
             reward: the verifier; default the math reward.
-            policy_attribute: the module attribute holding the trained policy ("student" in Phase 2).
             log_behaviour: also log length and self-revision phrase frequencies of the sampled completions
                 (``eval/behaviour/...``; default phrases plus the paper's control phrases), in either phase.
             seed: seed of the sampling streams.
@@ -56,14 +62,17 @@ class BenchmarkEval(L.Callback):
         self.data, self.every_n_epochs, self.num_samples = data, every_n_epochs, num_samples
         self.rollout = rollout or HFRollout(temperature=0.7, max_new_tokens=32768, show_progress=False)
         self.reward = reward or MathReward()
-        self.policy_attribute, self.seed, self.log_behaviour = policy_attribute, seed, log_behaviour
+        self.seed, self.log_behaviour = seed, log_behaviour
         self._sampler: Sampler | None = None
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require(pl_module, PolicyModule, "callbacks.BenchmarkEval")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: PolicyModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         if self._sampler is None:
-            policy = getattr(pl_module, self.policy_attribute)
+            policy = pl_module.policy
             stops = stop_token_ids(pl_module.tokenizer, policy.generation_config.eos_token_id)
             self.rollout.setup(policy, pl_module.tokenizer, stops)
             self._sampler = Sampler(self.rollout, self.reward, pl_module.tokenizer, stops, self.num_samples, None, None)

@@ -30,16 +30,15 @@ from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
-from sdzero_pl.phase2.distill import SelfDistillModule
-from sdzero_pl.core.losses import gathered_logits, teacher_topk, topk_divergence
-from sdzero_pl.evaluation.metrics import bucket_shares, mean_bucket_shares
-from sdzero_pl.core.models import backbone, output_weight
-from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
-from sdzero_pl.evaluation.plots import bucket_figure, require_matplotlib
+from sdzero_pl.core.losses import gathered_logits, teacher_topk, token_logps, topk_divergence
+from sdzero_pl.core.models import hidden_states, output_weight
 from sdzero_pl.core.prompts import control_text, encode_prompts, stop_token_ids
-from sdzero_pl.core.sequences import build_distill_example, collate_distill, position_ids, select_targets
+from sdzero_pl.core.sequences import build_distill_example, collate_distill, select_targets
+from sdzero_pl.evaluation.metrics import bucket_shares, mean_bucket_shares
+from sdzero_pl.evaluation.plots import bucket_figure, require_matplotlib
+from sdzero_pl.phase2.distill import SelfDistillModule
+from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
 
 
 @dataclass
@@ -59,18 +58,6 @@ class Scored:
 
 
 # ------------------------------------------------------------------------------------------ pure functions
-@torch.no_grad()
-def token_logps(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, chunk_size: int = 512
-                ) -> torch.Tensor:
-    """Full-vocabulary log-prob of each target token, chunk by chunk: (N, H), (V, H), (N,) -> (N,) float32."""
-    out = torch.empty(target_ids.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        stop = min(start + chunk_size, hidden.shape[0])
-        logits = F.linear(hidden[start:stop], weight).float()  # (n, V), one chunk only
-        out[start:stop] = logits.log_softmax(-1).gather(-1, target_ids[start:stop, None]).squeeze(-1)
-    return out
-
-
 def bucket_report(scored: Sequence[Scored], num_buckets: int, per_response: bool) -> dict[str, dict[str, Any]]:
     """Bucket shares and summary numbers for r=0 ("r0") and r=1 ("r1"); a class with no tokens gets no shares."""
     report = {}
@@ -151,15 +138,9 @@ def _frozen_state(module: torch.nn.Module, device: torch.device) -> Iterator[Non
             m.training = training
 
 
-def _hidden(model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states (B, T, H), positions counted over real tokens (as in training); no KV cache is built."""
-    return backbone(model)(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                           use_cache=False).last_hidden_state
-
-
 def _teacher_side(model: torch.nn.Module, batch: dict, top_k: int, chunk_size: int):
     """The teacher's top-k (ids, logits) and log-probs of y's tokens, on the second copy of y."""
-    hidden = _hidden(model, batch["teacher_ids"], batch["teacher_attention_mask"])
+    hidden = hidden_states(model, batch["teacher_ids"], batch["teacher_attention_mask"])
     h, targets = select_targets(hidden, batch["teacher_ids"], batch["teacher_mask"])
     weight = output_weight(model)
     topk_ids, logits, _ = teacher_topk(h, weight, top_k, chunk_size)
@@ -168,7 +149,7 @@ def _teacher_side(model: torch.nn.Module, batch: dict, top_k: int, chunk_size: i
 
 def _student_side(model: torch.nn.Module, batch: dict, topk_ids: torch.Tensor, chunk_size: int):
     """The student's logits at the teacher's top-k ids and log-probs of y's tokens."""
-    hidden = _hidden(model, batch["student_ids"], batch["student_attention_mask"])
+    hidden = hidden_states(model, batch["student_ids"], batch["student_attention_mask"])
     h, targets = select_targets(hidden, batch["student_ids"], batch["student_mask"])
     weight = output_weight(model)
     return gathered_logits(h, weight, topk_ids, chunk_size), targets, token_logps(h, weight, targets, chunk_size)
@@ -251,7 +232,7 @@ class SelfLocalizationLogger(L.Callback):
         """Score the fixed set now (sampling it first if needed) and write / log the results."""
         self._last_step = trainer.global_step
         with _frozen_state(pl_module, pl_module.device):
-            pl_module.student.eval()  # no dropout while scoring; _frozen_state restores the mode
+            pl_module.policy.eval()  # no dropout while scoring; _frozen_state restores the mode
             if self.responses is None:
                 self.responses = self._sample(trainer.datamodule, pl_module)
             scored = self._score(trainer.datamodule, pl_module)
@@ -263,8 +244,7 @@ class SelfLocalizationLogger(L.Callback):
     def _sample(self, data: OnPolicyDataModule, pl_module: SelfDistillModule) -> list[Response]:
         tokenizer = pl_module.tokenizer
         questions = data.questions[: self.num_responses]
-        prompts = encode_prompts(tokenizer, [q.question + data.hparams.instruction for q in questions],
-                                 data.hparams.system_prompt)
+        prompts = encode_prompts(tokenizer, [data.source.text(q) for q in questions], data.source.system_prompt)
         rollouts = data.rollout.generate(prompts, seed=self.seed, desc="self-localization responses",
                                          max_new_tokens=self.max_new_tokens)
         texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
@@ -276,8 +256,8 @@ class SelfLocalizationLogger(L.Callback):
     # -------------------------------------------------------------------------------------------- scoring
     def _score(self, data: OnPolicyDataModule, pl_module: SelfDistillModule) -> list[Scored]:
         tokenizer = pl_module.tokenizer
-        stops = stop_token_ids(tokenizer, pl_module.student.generation_config.eos_token_id)
-        controls = {r: tokenizer.encode(control_text(data.phrases, r), add_special_tokens=False) for r in (0.0, 1.0)}
+        stops = stop_token_ids(tokenizer, pl_module.policy.generation_config.eos_token_id)
+        controls = {r: tokenizer.encode(control_text(data.control.phrases, r), add_special_tokens=False) for r in (0.0, 1.0)}
         scored: list[Scored] = []
         for start in range(0, len(self.responses), self.batch_size):
             chunk = self.responses[start : start + self.batch_size]
@@ -295,7 +275,7 @@ class SelfLocalizationLogger(L.Callback):
         topk_ids, teacher_logits, teacher_targets, teacher_logps = pl_module.score(
             "teacher", _teacher_side, batch, hp.top_k, hp.chunk_size)
         student_logits, student_targets, student_logps = pl_module.score(
-            "student", _student_side, batch, topk_ids, hp.chunk_size)
+            "policy", _student_side, batch, topk_ids, hp.chunk_size)
         assert torch.equal(student_targets, teacher_targets), "student y and the teacher's second copy differ"
         divergence = topk_divergence(student_logits, teacher_logits, hp.divergence, hp.forward_weight)["loss"]
         token_reward = student_logps - teacher_logps  # (N,)

@@ -2,14 +2,23 @@
 
 Distillation also improves the model's revision ability, so the frozen teacher can be replaced by the current
 student: a hard copy every ``every_n_steps`` optimizer steps, and/or when a monitored metric stops improving
-for ``patience`` epochs. The module must provide ``sync_teacher()``.
+for ``patience`` epochs. The module must provide ``sync_teacher()`` (:class:`TeacherHolder`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
+
+from sdzero_pl.contracts import require
+
+
+@runtime_checkable
+class TeacherHolder(Protocol):
+    """A module with a frozen teacher that can be replaced by the current student."""
+
+    def sync_teacher(self) -> None: ...
 
 
 class TeacherSync(L.Callback):
@@ -47,6 +56,9 @@ class TeacherSync(L.Callback):
         self.best: float | None = None
         self.wait = 0
         self._last_step = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require(pl_module, TeacherHolder, "callbacks.TeacherSync")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step

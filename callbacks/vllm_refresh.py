@@ -16,8 +16,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from sdzero_pl.rollout import RolloutBackend, RolloutCallback, VLLMRollout
 from sdzero_pl.core.sharding import full_named_tensors
+from sdzero_pl.rollout import RolloutBackend, RolloutCallback, VLLMRollout
 
 
 class VLLMWeightRefresh(RolloutCallback):

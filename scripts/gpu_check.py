@@ -66,8 +66,8 @@ def _agreement(a, b) -> float:
 def engine(directory: str) -> None:
     from sdzero_pl.core.models import load_model, load_tokenizer
     from sdzero_pl.core.prompts import encode_prompts, stop_token_ids
-    from sdzero_pl.rollout import HFRollout, VLLMRollout
     from sdzero_pl.core.sharding import full_named_tensors
+    from sdzero_pl.rollout import HFRollout, VLLMRollout
 
     model = load_model(directory, DTYPE).to(DEVICE).eval()
     tokenizer = load_tokenizer(directory)
@@ -136,7 +136,7 @@ def fit(directory: str, work: str, sleep: bool) -> None:
         *(["--trainer.accelerator=cpu"] if SMOKE else ["--trainer.accelerator=gpu", "--trainer.strategy=fsdp",
                                                         "--trainer.precision=bf16-mixed"]),
         "--trainer.devices=1", "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={work}", f"--trainer.logger.init_args.save_dir={work}",
+        f"--trainer.default_root_dir={work}",
         f"--model.init_args.model_name_or_path={directory}", "--model.init_args.gradient_checkpointing=true",
         f"--model.init_args.export_dir={work}/hf_model", "--data.init_args.prompts_per_epoch=64",
         "--data.init_args.batch_size=8", "--data.init_args.max_teacher_len=512",
@@ -154,7 +154,7 @@ def fit(directory: str, work: str, sleep: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(f"{work}/hf_model")
-    student = cli.model.student
+    student = cli.model.policy
     ok = (cli.trainer.global_step > 0 and cli.model.sharding == (None if SMOKE else "fsdp1")
           and metrics.get("rollout/logprob_gap", 1.0) < GAP_REFRESHED_MAX
           and metrics.get("rollout/weight_pushes", 0.0) >= 2 and exported is not None)

@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdzero_pl.core.prompts import control_phrases, control_text, encode_prompts, stop_token_ids
-from sdzero_pl.tasks import MathReward
 from sdzero_pl.core.sequences import build_distill_example
+from sdzero_pl.tasks import MathReward
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen3ForCausalLM
 
+from sdzero_pl.core.tiny import build_char_tokenizer, tiny_qwen3_config
 from sdzero_pl.tasks.arithmetic import (
     Problem,
     TaskSettings,
@@ -63,7 +64,6 @@ from sdzero_pl.tasks.evaluate import (
     revision_check,
     summarize_samples,
 )
-from sdzero_pl.core.tiny import build_char_tokenizer, tiny_qwen3_config
 
 IGNORE = -100
 

@@ -2,16 +2,26 @@
 
     python main.py fit --config configs/qwen.yaml [--trainer.strategy=fsdp ...]
     python main.py fit --help          # every argument, from the constructors' docstrings
+
+Argument groups (``--data.questions.*``, ``--model.optim.*``, ``--data.control.*``) are dataclasses whose attribute
+docstrings document their fields in ``--help``. One run directory: ``--trainer.default_root_dir`` is linked to the
+logger's ``save_dir``, and every output (the HF export, Phase 1's collection) defaults to a path under it.
 """
 
 from __future__ import annotations
 
 import lightning as L
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass fields are documented in --help
 
 
 class SDZeroCLI(LightningCLI):
     """LightningCLI whose modules and data modules are picked by ``class_path`` in the YAML."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> SDZeroCLI:

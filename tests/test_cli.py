@@ -44,7 +44,6 @@ def test_tiny_config_runs_end_to_end_through_main(tmp_path):
     main([
         "fit", "--config", "configs/tiny/sdzero.yaml",
         "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--model.init_args.export_dir={export}",
     ])
     assert AutoModelForCausalLM.from_pretrained(export) is not None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 DIVERGENCES = ("reverse", "forward", "mixed")
 
@@ -159,6 +160,29 @@ def normalised_sum(per_token: torch.Tensor, global_tokens: int, accumulate: int 
     if global_tokens <= 0:
         return per_token.sum() * 0.0  # nothing valid in the whole step: keep the graph, contribute nothing
     return per_token.sum() * (accumulate * world_size / global_tokens)
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight)  # (n, V), one chunk only
+    return -F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+                ) -> torch.Tensor:
+    """Full-vocabulary ``log p(target)`` of each token, ``chunk_size`` rows at a time: never an [N, V] tensor for
+    all rows. With gradient, each chunk's logits are recomputed in backward (activation checkpointing) instead of
+    being kept. hidden (N, H), weight (V, H), targets (N,) -> (N,), float32 (float64 for float64 inputs).
+
+    The one log-prob of the project: SFT and GRPO losses (``-token_logps``), the rollout staleness metric and the
+    self-localization token KL reward."""
+    parts = []
+    track = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (hidden[start : start + chunk_size], weight, targets[start : start + chunk_size])
+        parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if track else _chunk_logps(*args))
+    if parts:
+        return torch.cat(parts)
+    return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
 
 
 def naive_topk_divergence(

@@ -1,4 +1,5 @@
-"""Loading models and tokenizers from a hub id or a local directory, the one path users and tests share."""
+"""Models and tokenizers: loading (hub id or local directory, the one path users and tests share), the decoder
+forward every loss uses, and the Hugging Face export every training module ends with."""
 
 from __future__ import annotations
 
@@ -59,3 +60,38 @@ def output_weight(model: PreTrainedModel) -> torch.Tensor:
         if getattr(model.config, attribute, None) not in (None, 1.0):
             raise NotImplementedError(f"{type(model).__name__}: `{attribute}` heads are not supported")
     return head.weight
+
+
+def hidden_states(model: PreTrainedModel, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states (B, T, H) of the decoder for right- or left-padded ``ids`` (B, T).
+
+    Positions are counted over real tokens (:func:`~sdzero_pl.core.sequences.position_ids`), so padding on either
+    side gives the same states; no KV cache is built (every caller scores whole sequences). Every loss and score in
+    the project goes through here, then multiplies with :func:`output_weight` itself."""
+    from sdzero_pl.core.sequences import position_ids
+
+    out = backbone(model)(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                          use_cache=False)
+    return out.last_hidden_state
+
+
+def export_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path,
+              state_dict: dict[str, torch.Tensor] | None = None, dtype: str | None = None) -> Path:
+    """Save a trained model and its tokenizer as a standard Hugging Face directory (``from_pretrained`` and vLLM
+    load it). ``model`` may be a sharding wrapper (its HF model is saved); ``state_dict``: the full weights gathered
+    from shards (:func:`~sdzero_pl.core.sharding.gather_state_dict`); ``dtype``: convert the saved weights (e.g.
+    "bfloat16"; the live model is converted in place, training is over). The saved config re-enables the KV cache
+    that gradient checkpointing switched off."""
+    from sdzero_pl.core.sharding import hf_model
+
+    hf = hf_model(model)
+    hf.config.use_cache = True  # the saved model generates with its KV cache
+    if dtype is not None:
+        target = resolve_dtype(dtype)
+        if state_dict is not None:
+            state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
+        else:
+            hf.to(target)
+    hf.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
+    tokenizer.save_pretrained(path)
+    return Path(path)

@@ -1,9 +1,12 @@
-"""Optimizer and learning-rate schedule shared by both phases: AdamW, linear warm-up, then constant / cosine /
-linear decay (paper: AdamW lr 5e-6; Phase 1 cosine with 5% warm-up, Phase 2 20 warm-up steps)."""
+"""Optimizer and learning-rate schedule of every training module (docs/method.md, "Hyper-parameters"): AdamW, a
+linear warm-up, then constant / cosine / linear decay. Paper: AdamW lr 5e-6; Phase 1 cosine with 5% warm-up, weight
+decay 1e-4, betas (0.9, 0.95); Phase 2 20 warm-up steps. Each module gives :class:`OptimArgs` its own defaults.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -11,13 +14,45 @@ import torch
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def check_schedule(schedule: str, warmup_steps: int, warmup_ratio: float) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"`lr_schedule` must be one of {SCHEDULES}, got {schedule!r}")
-    if warmup_steps < 0:
-        raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"`warmup_ratio` must be in [0, 1), got {warmup_ratio}")
+@dataclass(frozen=True)
+class OptimArgs:
+    """AdamW and its learning-rate schedule (``--model.optim.*``)."""
+
+    lr: float = 5e-6
+    """AdamW learning rate (paper: 5e-6)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """linear warm-up in optimizer steps; overrides ``warmup_ratio`` when > 0."""
+    warmup_ratio: float = 0.0
+    """linear warm-up as a fraction of the (stage's) optimizer steps, used when ``warmup_steps`` is 0."""
+    schedule: str = "constant"
+    """after warm-up: "constant", "cosine" or "linear" decay."""
+    min_lr_ratio: float = 0.0
+    """floor of the decayed learning rate, as a fraction of ``lr``."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"`--model.optim.lr` must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"`--model.optim.schedule` must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"`--model.optim.warmup_steps` must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"`--model.optim.warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"`--model.optim.min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}")
+
+    @classmethod
+    def of(cls, value: OptimArgs | dict) -> OptimArgs:
+        """The arguments themselves, or rebuilt from their dict form (saved hyper-parameters)."""
+        return value if isinstance(value, cls) else cls(**value)
+
+    def warmup(self, total_steps: int) -> int:
+        """Warm-up optimizer steps of a schedule ``total_steps`` long."""
+        return self.warmup_steps or int(round(self.warmup_ratio * total_steps))
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -31,25 +66,27 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     return min_ratio + (1.0 - min_ratio) * decay
 
 
-def build_optimizer(
-    parameters: Iterable[torch.nn.Parameter],
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    total_steps: int,
-    warmup_steps: int,
-    warmup_ratio: float,
-    schedule: str,
-    min_lr_ratio: float,
-) -> dict:
-    """Lightning's ``configure_optimizers`` answer: AdamW plus a per-step LambdaLR."""
-    if lr <= 0:
-        raise ValueError(f"`lr` must be > 0, got {lr}")
-    warmup = warmup_steps or int(round(warmup_ratio * total_steps))
-    optimizer = torch.optim.AdamW(list(parameters), lr=lr, weight_decay=weight_decay, betas=tuple(betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, schedule, min_lr_ratio)
-    )
+def staged_lr_factor(step: int, stage_steps: list[int], optim: OptimArgs) -> float:
+    """LR multiplier when each stage has its own warm-up and decay (:func:`lr_factor` within the stage), as two
+    separate runs would (the reference code's two SFT stages)."""
+    for index, total in enumerate(stage_steps):
+        if step < total or index == len(stage_steps) - 1:
+            return lr_factor(step, total, optim.warmup(total), optim.schedule, optim.min_lr_ratio)
+        step -= total
+    return 1.0
+
+
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], optim: OptimArgs, stage_steps: list[int]) -> dict:
+    """Lightning's ``configure_optimizers`` answer: AdamW plus a per-step LambdaLR over the stages' optimizer steps
+    (one stage: one warm-up and decay over the whole fit)."""
+    optimizer = torch.optim.AdamW(list(parameters), lr=optim.lr, weight_decay=optim.weight_decay,
+                                  betas=tuple(optim.betas))
+    if len(stage_steps) == 1:
+        total, warmup = stage_steps[0], optim.warmup(stage_steps[0])
+        schedule = lambda step: lr_factor(step, total, warmup, optim.schedule, optim.min_lr_ratio)  # noqa: E731
+    else:
+        schedule = lambda step: staged_lr_factor(step, stage_steps, optim)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

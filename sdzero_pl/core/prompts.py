@@ -3,11 +3,12 @@
 ``prompt`` is the question x rendered with the tokenizer's chat template, generation prompt appended, so the model
 answers in the assistant turn. The control phrase P_r is chosen by the reward r and always sits between two
 ``"\\n\\n"`` separators inside the SAME assistant turn: ``chat(x) + y + "\\n\\n" + P_r + "\\n\\n"``. Both phases
-must use the same strings, so every caller goes through :func:`control_phrases` / :func:`control_text`.
+must use the same strings, so every caller goes through :class:`ControlPhrases` / :func:`control_text`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -34,7 +35,7 @@ CONTROL_PRESETS: dict[str, dict[int, str]] = {
 def control_phrases(preset: str = "paper", correct: str | None = None, wrong: str | None = None) -> dict[int, str]:
     """The two control phrases ``{1: P_1, 0: P_0}``: a preset, optionally with either phrase overridden."""
     if preset not in CONTROL_PRESETS:
-        raise ValueError(f"`control_preset` must be one of {sorted(CONTROL_PRESETS)}, got {preset!r}")
+        raise ValueError(f"`control.preset` must be one of {sorted(CONTROL_PRESETS)}, got {preset!r}")
     phrases = dict(CONTROL_PRESETS[preset])
     for reward, override in ((1, correct), (0, wrong)):
         if override is not None:
@@ -42,6 +43,27 @@ def control_phrases(preset: str = "paper", correct: str | None = None, wrong: st
                 raise ValueError(f"the control phrase for reward {reward} must not be empty")
             phrases[reward] = override
     return phrases
+
+
+@dataclass(frozen=True)
+class ControlPhrases:
+    """The control phrases P_r (``--data.control.*``, ``--model.control.*``); Phase 1, Phase 2 and the evaluation's
+    generate-then-revise must use the same ones (the Phase-1 export records them and Phase 2 checks)."""
+
+    preset: str = "paper"
+    """"paper" (default, arXiv 2604.12002), or the reference code's "qwen" / "olmo" presets."""
+    correct: str | None = None
+    """override of the r=1 phrase P_1 (default: the preset's, "Let me rephrase the above solution.")."""
+    wrong: str | None = None
+    """override of the r=0 phrase P_0 (default: the preset's)."""
+
+    def __post_init__(self) -> None:
+        self.phrases  # validates the preset and the overrides
+
+    @property
+    def phrases(self) -> dict[int, str]:
+        """``{1: P_1, 0: P_0}``."""
+        return control_phrases(self.preset, self.correct, self.wrong)
 
 
 def control_text(phrases: dict[int, str], reward: float) -> str:

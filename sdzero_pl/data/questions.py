@@ -1,16 +1,20 @@
 """Questions (x, a) from HF ``datasets``: a hub name (+ config, split) or a local JSON / JSONL / Parquet file.
 
-Every row is checked when loaded; a bad one raises an error that names the file, the row (counted from 1) and
-the field, before any generation runs.
+:class:`QuestionSource` is the argument group every training data module takes (``--data.questions.*``): where the
+rows are, which columns hold what, which rows to use and how a question is shown to the model. The verifier of the
+task reads the rows (a domain owns its data format: ``sdzero_pl.tasks``); :meth:`QuestionSource.select` then picks
+the rows a run uses. Every row is checked when loaded; a bad one raises an error that names the file, the row
+(counted from 1) and the field, before any model weights load.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -25,6 +29,64 @@ class Question:
 
 class DataError(ValueError):
     """A data row or file the project cannot use; the message names the file, row and field."""
+
+
+@dataclass(frozen=True)
+class QuestionSource:
+    """Which questions a data module uses and how each is shown to the model (``--data.questions.*``)."""
+
+    dataset: str
+    """hub dataset name, or a local .json / .jsonl / .parquet file of questions."""
+    dataset_config: str | None = None
+    """hub dataset configuration name."""
+    split: str = "train"
+    """hub dataset split (local files have one)."""
+    question_field: str | None = None
+    """column holding the question text x; null: the verifier's default (math "problem", code "prompt")."""
+    answer_field: str | None = None
+    """column holding the reference a; null: the verifier's default (math "answer", code "examples")."""
+    id_field: str | None = None
+    """column holding a unique question id; null: the verifier's default (math: the row number, code "id")."""
+    solution_field: str | None = None
+    """column holding a reference solution per question (only the SDFT teacher reads it)."""
+    instruction: str = ""
+    """text appended to every question (e.g. "Put your final answer within \\boxed{}.")."""
+    system_prompt: str | None = None
+    """optional system message of the chat."""
+    skip_first: int = 0
+    """leave out the first N rows (e.g. the ones Phase 1 used)."""
+    exclude_ids_file: str | None = None
+    """leave out the question ids listed in this file (JSON list or one id per line)."""
+    num_questions: int | None = None
+    """use only the first N questions left after ``skip_first`` and the exclusions; null = all."""
+    shuffle: bool = False
+    """shuffle the questions used, once, with the data module's ``seed``."""
+
+    def __post_init__(self) -> None:
+        if self.skip_first < 0:
+            raise ValueError(f"`--data.questions.skip_first` must be >= 0, got {self.skip_first}")
+        if self.num_questions is not None and self.num_questions < 0:
+            raise ValueError(f"`--data.questions.num_questions` must be >= 0 or null, got {self.num_questions}")
+
+    @property
+    def name(self) -> str:
+        """The file path, or ``hub name[config:split]``: how messages name this dataset."""
+        if Path(self.dataset).suffix.lower() in LOCAL_FORMATS:
+            return self.dataset
+        return f"{self.dataset}[{self.dataset_config or 'default'}:{self.split}]"
+
+    def text(self, question: "Question") -> str:
+        """The user turn of x: the question with the instruction appended (before the chat template)."""
+        return question.question + self.instruction
+
+    def select(self, questions: Sequence["Question"], seed: int, exclude_ids: Iterable[str] = ()) -> list["Question"]:
+        """The questions a run uses: skip the first ``skip_first``, drop excluded ids (``exclude_ids_file`` and
+        ``exclude_ids``), keep the first ``num_questions``, shuffle once with ``seed`` if asked."""
+        excluded = set(exclude_ids) | (read_id_file(self.exclude_ids_file) if self.exclude_ids_file else set())
+        chosen = select_questions(questions, self.skip_first, excluded)[: self.num_questions]
+        if self.shuffle:
+            random.Random(seed).shuffle(chosen)
+        return chosen
 
 
 def load_rows(source: str, config: str | None = None, split: str = "train") -> tuple[list[dict], str]:
@@ -130,7 +192,7 @@ def select_questions(
 ) -> list[Question]:
     """Questions left after reserving the first ``skip_first`` rows and any excluded ids (Phase 1's share)."""
     if skip_first < 0:
-        raise ValueError(f"`skip_first` must be >= 0, got {skip_first}")
+        raise ValueError(f"`--data.questions.skip_first` must be >= 0, got {skip_first}")
     exclude_ids = exclude_ids or set()
     return [q for q in questions[skip_first:] if q.id not in exclude_ids]
 

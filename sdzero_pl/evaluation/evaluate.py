@@ -25,15 +25,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from sdzero_pl.core.models import load_model, load_tokenizer
+from sdzero_pl.core.prompts import ControlPhrases, control_text, encode_prompts, stop_token_ids
+from sdzero_pl.core.sequences import strip_stop
+from sdzero_pl.data.questions import Question
 from sdzero_pl.evaluation.benchmarks import PAPER_BENCHMARKS, load_benchmark, resolve_benchmark
 from sdzero_pl.evaluation.metrics import BenchmarkScores, markdown_table
-from sdzero_pl.core.models import load_model, load_tokenizer
-from sdzero_pl.phase2.onpolicy import rollout_seed
-from sdzero_pl.core.prompts import control_phrases, control_text, encode_prompts, stop_token_ids
-from sdzero_pl.data.questions import Question
+from sdzero_pl.rollout import HFRollout, RolloutBackend, rollout_seed
 from sdzero_pl.tasks import MathReward, Verifier
-from sdzero_pl.rollout import HFRollout, RolloutBackend
-from sdzero_pl.core.sequences import strip_stop
 
 DEFAULT_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -253,9 +252,7 @@ class EvalModule(L.LightningModule):
         reward: Verifier | None = None,
         revise: bool = False,
         revise_max_new_tokens: int | None = None,
-        control_preset: str = "paper",
-        control_correct: str | None = None,
-        control_wrong: str | None = None,
+        control: ControlPhrases = ControlPhrases(),
         seed: int = 0,
         results_dir: str | None = None,
         save_samples: bool = False,
@@ -271,9 +268,7 @@ class EvalModule(L.LightningModule):
             reward: the verifier (``class_path``); default the math reward.
             revise: also run generate-then-revise (paper Table 9): revise every sample with P_r in the same turn.
             revise_max_new_tokens: longest revision; default the rollout's ``max_new_tokens``.
-            control_preset: control phrases: "paper", "qwen" or "olmo" (same strings as training).
-            control_correct: override of the r=1 control phrase.
-            control_wrong: override of the r=0 control phrase.
+            control: the control phrases P_r of generate-then-revise (the same strings as training).
             seed: seed of the sampling streams (one per rank and batch).
             results_dir: where eval_<stage>.json / .md go; default the trainer's log directory.
             save_samples: also write every sample (text, reward, tokens) to ``samples_<stage>_rank<r>.jsonl``.
@@ -282,21 +277,26 @@ class EvalModule(L.LightningModule):
         pass_k = list(pass_k) if pass_k is not None else [num_samples]
         check_sampling(num_samples, pass_k, "--model")
         self.save_hyperparameters(ignore=["rollout", "reward"])
+        self.hparams.update(control=asdict(control))  # plain types in checkpoints
         self.rollout = rollout or HFRollout(temperature=0.7, max_new_tokens=32768)
         self.reward = reward or MathReward()
         self.pass_k = pass_k
-        self.phrases = control_phrases(control_preset, control_correct, control_wrong)
+        self.phrases = control.phrases
         self.tokenizer = load_tokenizer(model_name_or_path)
-        self.model: torch.nn.Module | None = None
+        self.policy: torch.nn.Module | None = None  # the model evaluated
         self.scores: BenchmarkScores | None = None
         self._sampler: Sampler | None = None
         self._records: list[SampleRecord] = []
 
+    @property
+    def start_model(self) -> str:
+        return self.hparams.model_name_or_path
+
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = load_model(self.hparams.model_name_or_path, self.hparams.dtype)
-            self.model.eval()
-            self.model.requires_grad_(False)
+        if self.policy is None:
+            self.policy = load_model(self.hparams.model_name_or_path, self.hparams.dtype)
+            self.policy.eval()
+            self.policy.requires_grad_(False)
 
     def _begin(self) -> None:
         data = self.trainer.datamodule
@@ -304,8 +304,8 @@ class EvalModule(L.LightningModule):
             raise TypeError(f"EvalModule needs `--data` to be an EvalDataModule, got {type(data).__name__}")
         hp = self.hparams
         if self._sampler is None:
-            stops = stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
-            self.rollout.setup(self.model, self.tokenizer, stops)
+            stops = stop_token_ids(self.tokenizer, self.policy.generation_config.eos_token_id)
+            self.rollout.setup(self.policy, self.tokenizer, stops)
             self._sampler = Sampler(self.rollout, self.reward, self.tokenizer, stops, hp.num_samples,
                                     self.phrases if hp.revise else None, hp.revise_max_new_tokens)
         self.scores = BenchmarkScores(data.benchmark_names, hp.num_samples, self.pass_k, hp.revise).to(self.device)

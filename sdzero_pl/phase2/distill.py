@@ -20,17 +20,21 @@ from __future__ import annotations
 import copy
 import os
 import time
+from dataclasses import asdict
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from sdzero_pl.contracts import RolloutData, connect
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.losses import check_divergence, gathered_logits, normalised_sum, teacher_topk, topk_divergence
-from sdzero_pl.core.models import backbone, load_model, load_tokenizer, output_weight
-from sdzero_pl.core.optim import build_optimizer, check_schedule, total_optimizer_steps
-from sdzero_pl.core.sequences import position_ids, select_targets
-from sdzero_pl.core.sharding import gather_state_dict, hf_model, shard_fsdp2, wrap_fsdp1
+from sdzero_pl.core.models import export_hf, hidden_states, load_model, load_tokenizer, output_weight
+from sdzero_pl.core.optim import OptimArgs, build_optimizer, total_optimizer_steps
+from sdzero_pl.core.sequences import select_targets
+from sdzero_pl.core.sharding import gather_state_dict, shard_fsdp2, wrap_fsdp1
+
+PHASE2_OPTIM = OptimArgs(lr=5e-6, warmup_steps=20)
 
 
 class SelfDistillModule(L.LightningModule):
@@ -45,12 +49,7 @@ class SelfDistillModule(L.LightningModule):
         divergence: str = "mixed",
         forward_weight: float = 0.5,
         chunk_size: int = 512,
-        lr: float = 5e-6,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 20,
-        lr_schedule: str = "constant",
-        min_lr_ratio: float = 0.0,
+        optim: OptimArgs = PHASE2_OPTIM,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
     ) -> None:
@@ -63,14 +62,10 @@ class SelfDistillModule(L.LightningModule):
             divergence: "reverse" (paper Eq. 4), "forward" or "mixed" (reference code default).
             forward_weight: weight w of the forward KL in "mixed": w * forward + (1 - w) * reverse.
             chunk_size: tokens per chunk when computing teacher top-k and student logits (memory bound).
-            lr: AdamW learning rate (paper's launch script: 5e-6).
-            weight_decay: AdamW weight decay.
-            betas: AdamW betas.
-            warmup_steps: linear warm-up optimizer steps (reference code: 20).
-            lr_schedule: after warm-up: "constant", "cosine" or "linear" decay.
-            min_lr_ratio: floor of the decayed learning rate, as a fraction of ``lr``.
+            optim: AdamW and its schedule (paper's launch script: lr 5e-6; reference code: 20 warm-up steps, then
+                constant).
             gradient_checkpointing: recompute the student's activations in backward to save memory.
-            export_dir: where the final HF model goes; default ``<log_dir>/hf_model``.
+            export_dir: where the final HF model goes; default ``<default_root_dir>/hf_model``.
         """
         super().__init__()
         if top_k < 1:
@@ -78,28 +73,39 @@ class SelfDistillModule(L.LightningModule):
         if chunk_size < 1:
             raise ValueError(f"`--model.chunk_size` must be >= 1, got {chunk_size}")
         check_divergence(divergence, forward_weight)
-        check_schedule(lr_schedule, warmup_steps, 0.0)
         self.save_hyperparameters()
+        self.optim = OptimArgs.of(optim)  # under LightningCLI (and from a checkpoint), hparams hold a dict
+        self.hparams["optim"] = asdict(self.optim)  # plain types: checkpoints load with weights_only=True
+        self.chunk_size = chunk_size
         self.tokenizer = load_tokenizer(model_name_or_path)
-        self.student: torch.nn.Module | None = None
+        self.policy: torch.nn.Module | None = None  # the student
         self.teacher: torch.nn.Module | None = None
         self.sharding: str | None = None  # None (single device / DDP), "fsdp1" or "fsdp2"
         self.budget = {"generations": 0, "tokens": 0}  # Phase-2 rollouts generated so far, all ranks
+        self.data: RolloutData | None = None
+
+    @property
+    def start_model(self) -> str:
+        return self.hparams.model_name_or_path
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # the data module samples from this module's student and checks its hand-off record
+            self.data = connect(self, self.trainer.datamodule, RolloutData)
 
     # ------------------------------------------------------------------------------------------------ models
     def configure_model(self) -> None:
-        if self.student is not None:
+        if self.policy is not None:
             return
         hp = self.hparams
-        self.student = load_model(hp.model_name_or_path, hp.dtype)
-        self.student.train()
+        self.policy = load_model(hp.model_name_or_path, hp.dtype)
+        self.policy.train()
         if hp.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.student.config.use_cache = False
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.policy.config.use_cache = False
         if hp.teacher_name_or_path:
             self.teacher = load_model(hp.teacher_name_or_path, hp.dtype)
         else:
-            self.teacher = copy.deepcopy(self.student)
+            self.teacher = copy.deepcopy(self.policy)
         self.teacher.eval()
         self.teacher.requires_grad_(False)
         self._shard()
@@ -111,20 +117,23 @@ class SelfDistillModule(L.LightningModule):
         trainer = self._trainer  # None when configure_model is called outside a Trainer
         if self.device_mesh is not None:  # ModelParallelStrategy
             precision = str(trainer.precision) if trainer is not None else "32-true"
-            self.student = shard_fsdp2(self.student, self.device_mesh, precision)
+            self.policy = shard_fsdp2(self.policy, self.device_mesh, precision)
             self.teacher = shard_fsdp2(self.teacher, self.device_mesh, precision)
             self.sharding = "fsdp2"
         elif trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
-            self.student = wrap_fsdp1(self.student, trainer.strategy)
+            self.policy = wrap_fsdp1(self.policy, trainer.strategy)
             self.teacher = wrap_fsdp1(self.teacher, trainer.strategy)
             self.sharding = "fsdp1"
         if self.sharding:
             self.teacher.eval()  # the new wrappers too
 
     def score(self, role: str, fn, *args):
-        """``fn(hf_model, *args)`` on the "student" or the "teacher"; when sharded, as one forward of the role's
-        FSDP root, so every parameter ``fn`` touches (decoder, final norm, tied LM head) is gathered for it."""
-        model = getattr(self, role)
+        """``fn(hf_model, *args)`` on the "policy" (the student) or the "teacher"; when sharded, as one forward of
+        the role's FSDP root, so every parameter ``fn`` touches (decoder, final norm, tied LM head) is gathered for it."""
+        roles = {"policy": self.policy, "teacher": self.teacher}
+        if role not in roles:
+            raise ValueError(f"`role` must be one of {sorted(roles)}, got {role!r}")
+        model = roles[role]
         return model(fn, *args) if self.sharding else fn(model, *args)
 
     def train(self, mode: bool = True):
@@ -137,7 +146,7 @@ class SelfDistillModule(L.LightningModule):
     def sync_teacher(self) -> None:
         """Hard-copy the student into the teacher (teacher synchronization). Copies parameter by parameter, so
         sharded models copy their local shards only."""
-        student = dict(self.student.named_parameters())
+        student = dict(self.policy.named_parameters())
         for name, param in self.teacher.named_parameters():
             param.copy_(student[name].detach())
 
@@ -162,7 +171,7 @@ class SelfDistillModule(L.LightningModule):
 
         start = time.perf_counter()  # 4. the student scores y at the teacher's top-k ids
         student_logits = self.score(
-            "student", self._student_logits, batch["student_ids"], batch["student_attention_mask"],
+            "policy", self._student_logits, batch["student_ids"], batch["student_attention_mask"],
             batch["student_mask"], topk_ids, hp.chunk_size,
         )  # (N, k)
         terms = topk_divergence(student_logits, teacher_logits, hp.divergence, hp.forward_weight)
@@ -181,24 +190,18 @@ class SelfDistillModule(L.LightningModule):
         }
         return loss, metrics, {"time/teacher_s": teacher_s, "time/student_s": student_s}
 
-    @staticmethod
-    def _hidden(model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, T, H) of the decoder, positions counted over real tokens."""
-        out = backbone(model)(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-        return out.last_hidden_state
-
     @classmethod
     def _teacher_topk(cls, model, ids, attention_mask, mask, top_k: int, chunk_size: int):
-        teacher_h, _ = select_targets(cls._hidden(model, ids, attention_mask), ids, mask)  # (N, H)
+        teacher_h, _ = select_targets(hidden_states(model, ids, attention_mask), ids, mask)  # (N, H)
         return teacher_topk(teacher_h, output_weight(model), top_k, chunk_size)
 
     @classmethod
     def _student_logits(cls, model, ids, attention_mask, mask, topk_ids, chunk_size: int):
-        student_h, _ = select_targets(cls._hidden(model, ids, attention_mask), ids, mask)  # (N, H)
+        student_h, _ = select_targets(hidden_states(model, ids, attention_mask), ids, mask)  # (N, H)
         return gathered_logits(student_h, output_weight(model), topk_ids, chunk_size)
 
     def on_train_epoch_start(self) -> None:
-        stats = self.trainer.datamodule.rollout_stats  # this epoch's rollouts, generated just before this hook
+        stats = self.data.rollout_stats  # this epoch's rollouts, generated just before this hook
         if stats:
             self.log_dict(stats, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
             counts = torch.tensor([stats["rollout/generations"], stats["rollout/generated_tokens"]],
@@ -221,32 +224,24 @@ class SelfDistillModule(L.LightningModule):
             if gradient_clip_algorithm not in (None, "norm"):
                 raise ValueError("`--trainer.gradient_clip_algorithm` must be 'norm' with FSDP, got "
                                  f"{gradient_clip_algorithm!r}")
-            self.student.clip_grad_norm_(gradient_clip_val)  # the root's norm over all shards
+            self.policy.clip_grad_norm_(gradient_clip_val)  # the root's norm over all shards
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        steps = self.trainer.datamodule.optimizer_steps_per_epoch(
-            self.trainer.world_size, self.trainer.accumulate_grad_batches
-        )
-        return build_optimizer(
-            self.student.parameters(), hp.lr, hp.weight_decay, hp.betas, total_optimizer_steps(self.trainer, steps),
-            hp.warmup_steps, 0.0, hp.lr_schedule, hp.min_lr_ratio,
-        )
+        steps = self.data.optimizer_steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
+        return build_optimizer(self.policy.parameters(), self.optim, [total_optimizer_steps(self.trainer, steps)])
 
     # ----------------------------------------------------------------------------------------------- export
     def export_path(self) -> str:
-        root = self.trainer.log_dir or self.trainer.default_root_dir
-        return self.hparams.export_dir or os.path.join(root, "hf_model")
+        return self.hparams.export_dir or os.path.join(self.trainer.default_root_dir, "hf_model")
 
     def on_train_end(self) -> None:
         path = self.export_path()
         # sharded: full tensors gathered one at a time, kept on rank 0 only (no second full copy on other ranks)
-        state = gather_state_dict(self.student) if self.sharding else None
+        state = gather_state_dict(self.policy) if self.sharding else None
         if self.trainer.is_global_zero:
-            hf_model(self.student).save_pretrained(path, **({"state_dict": state} if self.sharding else {}))
-            self.tokenizer.save_pretrained(path)
+            export_hf(self.policy, self.tokenizer, path, state_dict=state)
             ledger = BudgetLedger(os.path.join(path, "budget.json"))
             start_budget = os.path.join(self.hparams.model_name_or_path, "budget.json")
             if os.path.isfile(start_budget):  # the Phase-1 generations that made the student's start

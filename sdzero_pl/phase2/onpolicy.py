@@ -34,20 +34,23 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
 
-from sdzero_pl.core.prompts import control_phrases, control_text, encode_prompts, stop_token_ids
-from sdzero_pl.data.questions import Question, epoch_questions, read_id_file, select_questions
-from sdzero_pl.tasks import MathReward, Verifier
-from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout
+from sdzero_pl.contracts import DistillPolicy, require
+from sdzero_pl.core.prompts import ControlPhrases, control_text, encode_prompts, stop_token_ids
 from sdzero_pl.core.sequences import DistillExample, build_distill_example, build_prefixed_example, collate_distill
+from sdzero_pl.data.batching import CollatedBatches, require_reload_every_epoch, split_steps, step_totals
+from sdzero_pl.data.questions import Question, QuestionSource, epoch_questions
+from sdzero_pl.phase1.handoff import check_handoff, read_handoff
+from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout, rollout_seed
 from sdzero_pl.rollout.staleness import logprob_gap, sampled_token_logps
-
+from sdzero_pl.tasks import MathReward, Verifier
 
 TEACHER_CONTEXTS = ("revision", "demonstration", "answer", "question")
 REWARD_SIGNALS = ("verified", "shuffled")
@@ -107,24 +110,6 @@ class EpochData:
     completions: list[str]
 
 
-class CollatedBatches(IterableDataset):
-    """Pre-collated micro-batches. Iterable, so Lightning does not shard it again with a DistributedSampler."""
-
-    def __init__(self, batches: list[dict]) -> None:
-        self.batches = batches
-
-    def __iter__(self) -> Iterator[dict]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def rollout_seed(seed: int, epoch: int, rank: int) -> int:
-    """One seed stream per (run seed, epoch, rank)."""
-    return (seed * 1_000_003 + epoch * 65_537 + rank) % (2**63)
-
-
 def check_teacher_context(context: str, template: str, solution_field: str | None, reward_signal: str) -> None:
     """Validate the baseline / control flags together (errors name the flags and the values)."""
     if context not in TEACHER_CONTEXTS:
@@ -135,8 +120,8 @@ def check_teacher_context(context: str, template: str, solution_field: str | Non
     if missing:
         raise ValueError(f"`--data.demonstration_template` must contain {' and '.join(missing)}, got {template!r}")
     if context == "demonstration" and solution_field is None:
-        raise ValueError("`--data.teacher_context=demonstration` needs `--data.solution_field` (the column of "
-                         "reference solutions), got solution_field=None")
+        raise ValueError("`--data.teacher_context=demonstration` needs `--data.questions.solution_field` (the column "
+                         "of reference solutions), got solution_field=None")
     if reward_signal != "verified" and context != "revision":
         raise ValueError(f"`--data.reward_signal={reward_signal}` only applies with `--data.teacher_context=revision` "
                          f"(the reward reaches the teacher only through P_r), got teacher_context={context!r}")
@@ -147,67 +132,44 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset: str,
-        dataset_config: str | None = None,
-        split: str = "train",
-        question_field: str = "problem",
-        answer_field: str = "answer",
-        id_field: str | None = None,
-        instruction: str = "",
-        system_prompt: str | None = None,
-        skip_first: int = 0,
-        exclude_ids_file: str | None = None,
-        shuffle: bool = True,
+        questions: QuestionSource,
+        control: ControlPhrases = ControlPhrases(),
         prompts_per_epoch: int = 128,
         batch_size: int = 8,
         max_teacher_len: int = 8192,
         rollout: RolloutBackend | None = None,
         reward: Verifier | None = None,
-        control_preset: str = "paper",
-        control_correct: str | None = None,
-        control_wrong: str | None = None,
         seed: int = 0,
         logprob_gap_samples: int = 16,
         teacher_context: str = "revision",
         demonstration_template: str = DEMONSTRATION_TEMPLATE,
-        solution_field: str | None = None,
         reward_signal: str = "verified",
+        ignore_handoff: bool = False,
     ) -> None:
         """
         Args:
-            dataset: hub dataset name, or a local .json / .jsonl / .parquet file of questions.
-            dataset_config: hub dataset configuration name.
-            split: hub dataset split.
-            question_field: column holding the question text x.
-            answer_field: column holding the reference answer a.
-            id_field: column holding a unique question id (default: the row number).
-            instruction: text appended to every question (e.g. "Put your final answer within \\boxed{}.").
-            system_prompt: optional system message of the chat.
-            skip_first: leave out the first N questions (Phase 1 used them).
-            exclude_ids_file: leave out the question ids in this file (Phase 1 writes one).
-            shuffle: shuffle the question order once, with ``seed``.
+            questions: the questions (paper: 9K OpenR1-Math questions Phase 1 never saw; set ``shuffle``). When
+                the student's start model is a Phase-1 export, the questions Phase 1 used are left out.
+            control: the control phrases P_r; must be Phase 1's (checked against the start model's hand-off).
             prompts_per_epoch: questions per epoch (all ranks together); one completion each.
             batch_size: rollouts per micro-batch on each rank.
             max_teacher_len: token budget of the teacher sequence (x + y + P_r + y, or x' + y for the other
                 ``teacher_context`` s); y is truncated to fit.
             rollout: the generation backend (``class_path``); default HF generate.
-            reward: the verifier (``class_path``); default the math reward.
-            control_preset: control phrases: "paper", "qwen" or "olmo".
-            control_correct: override of the r=1 control phrase.
-            control_wrong: override of the r=0 control phrase.
-            seed: seed of the question order and of the rollout seed streams.
+            reward: the verifier (``class_path``); default the math reward. It also reads the questions.
+            seed: seed of the question order (``questions.shuffle``) and of the rollout seed streams.
             logprob_gap_samples: rollouts per rank whose sampled tokens the student re-scores for
                 ``rollout/logprob_gap`` (only with a backend that returns log-probs, e.g. vLLM); 0 = off.
             teacher_context: what the frozen teacher sees before scoring y: "revision" (SD-Zero,
                 ``chat(x) + y + P_r + y``), "demonstration" (SDFT: x with the reference solution, needs
-                ``solution_field``), "answer" (SDFT with the final answer only) or "question" (control: chat(x), the
-                student's own context).
+                ``questions.solution_field``), "answer" (SDFT with the final answer only) or "question" (control:
+                chat(x), the student's own context).
             demonstration_template: the teacher's user turn for "demonstration" / "answer", with the placeholders
-                {question} (x plus ``instruction``) and {demonstration}; default: SDFT's (arXiv 2601.19897).
-            solution_field: column holding a reference solution per question (SDFT's demonstration, e.g.
-                OpenR1-Math ``solution``).
+                {question} (x plus the instruction) and {demonstration}; default: SDFT's (arXiv 2601.19897).
             reward_signal: "verified" (P_r from the verifier's reward) or "shuffled" (control: P_r from a seeded
                 permutation of the epoch's rewards on this rank; only with teacher_context "revision").
+            ignore_handoff: do not check the start model's Phase-1 hand-off record (control phrases, instruction,
+                system prompt) and do not leave out its questions.
         """
         super().__init__()
         for flag, value, low in (("prompts_per_epoch", prompts_per_epoch, 1), ("batch_size", batch_size, 1),
@@ -215,12 +177,15 @@ class OnPolicyDataModule(L.LightningDataModule):
                                  ("logprob_gap_samples", logprob_gap_samples, 0)):
             if value < low:
                 raise ValueError(f"`--data.{flag}` must be >= {low}, got {value}")
-        check_teacher_context(teacher_context, demonstration_template, solution_field, reward_signal)
+        check_teacher_context(teacher_context, demonstration_template, questions.solution_field, reward_signal)
         self.save_hyperparameters(ignore=["rollout", "reward"])
+        self.hparams.update(questions=asdict(questions), control=asdict(control))  # plain types in checkpoints
+        self.source, self.control = questions, control
         self.rollout = rollout or HFRollout()
         self.reward = reward or MathReward()
-        self.phrases = control_phrases(control_preset, control_correct, control_wrong)
-        self.questions: list[Question] | None = None
+        self.module: DistillPolicy | None = None
+        self.loaded: list[Question] | None = None  # every question of the dataset, validated
+        self.questions: list[Question] | None = None  # the pool this run draws from, in order
         self._epoch_data: EpochData | None = None
         self._bound = False  # rollout backend bound to the student
         self.rollout_stats: dict[str, float] = {}  # this epoch's rollout metrics, logged by the module
@@ -228,30 +193,39 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- questions
     def setup(self, stage: str) -> None:
-        if self.trainer is not None and stage == "fit" and self.trainer.reload_dataloaders_every_n_epochs != 1:
-            raise ValueError(
-                "on-policy training needs `--trainer.reload_dataloaders_every_n_epochs=1`, got "
-                f"{self.trainer.reload_dataloaders_every_n_epochs}"
-            )
-        if self.questions is not None:
+        """Read and check the questions (before any model weights load)."""
+        if self.trainer is not None and stage == "fit":
+            require_reload_every_epoch(self.trainer, "on-policy training generates new rollouts")
+        if self.loaded is not None:
             return
-        hp = self.hparams
-        questions = self.reward.load_questions(  # the verifier knows its kind of reference (math / code)
-            hp.dataset, hp.dataset_config, hp.split, hp.question_field, hp.answer_field, hp.id_field,
-            solution_field=hp.solution_field,
-        )
-        excluded = read_id_file(hp.exclude_ids_file) if hp.exclude_ids_file else set()
-        questions = select_questions(questions, hp.skip_first, excluded)
-        if not questions:
-            raise ValueError(f"{hp.dataset}: no questions left after skip_first={hp.skip_first} and exclusions")
-        if hp.teacher_context == "answer":
-            for q in questions:
+        self.loaded = self.reward.load_questions(self.source)  # the verifier knows its kind of reference
+        self.questions = self._pool(set())
+        if self.hparams.teacher_context == "answer":
+            for q in self.loaded:
                 if not isinstance(q.answer, str):
                     raise ValueError(f"`--data.teacher_context=answer` needs a text answer per question (math); "
-                                     f"{hp.dataset}: question {q.id} has {type(q.answer).__name__} {q.answer!r:.80}")
-        if hp.shuffle:
-            random.Random(hp.seed).shuffle(questions)
-        self.questions = questions
+                                     f"{self.source.name}: question {q.id} has {type(q.answer).__name__} "
+                                     f"{q.answer!r:.80}")
+
+    def connect(self, module: DistillPolicy) -> None:
+        """Bind the student's module; check its Phase-1 hand-off record and leave out Phase 1's questions."""
+        self.module = require(module, DistillPolicy, type(self).__name__)
+        handoff = None if self.hparams.ignore_handoff else read_handoff(module.start_model)
+        if handoff is None:
+            return
+        reads_control = self.hparams.teacher_context == "revision"
+        check_handoff(handoff, self.source, self.control if reads_control else None, module.start_model)
+        if handoff.dataset == self.source.name:
+            self.questions = self._pool(set(handoff.question_ids))
+            rank_zero_info(f"{self.source.name}: {len(handoff.question_ids)} questions used by Phase 1 "
+                           f"({module.start_model}) left out, {len(self.questions)} remain")
+
+    def _pool(self, exclude: set[str]) -> list[Question]:
+        pool = self.source.select(self.loaded, self.hparams.seed, exclude)
+        if not pool:
+            raise ValueError(f"{self.source.name}: no questions left after skip_first={self.source.skip_first} "
+                             f"and {len(exclude)} exclusions")
+        return pool
 
     def epoch_questions(self, epoch: int) -> list[Question]:
         """The questions of one epoch (all ranks): the next ``prompts_per_epoch``, wrapping around the pool."""
@@ -272,34 +246,31 @@ class OnPolicyDataModule(L.LightningDataModule):
         return DataLoader(CollatedBatches(self._epoch_data.batches), batch_size=None, num_workers=0)
 
     def _generate_epoch(self, epoch: int) -> EpochData:
-        trainer, module = self.trainer, self.trainer.lightning_module
+        trainer, module, hp = self.trainer, self.module, self.hparams
         rank, world = trainer.global_rank, trainer.world_size
-        if self.hparams.prompts_per_epoch % world:
-            raise ValueError(
-                f"`--data.prompts_per_epoch` ({self.hparams.prompts_per_epoch}) must be divisible by the number "
-                f"of ranks ({world})"
-            )
+        if hp.prompts_per_epoch % world:
+            raise ValueError(f"`--data.prompts_per_epoch` ({hp.prompts_per_epoch}) must be divisible by the number "
+                             f"of ranks ({world})")
         tokenizer, stops = module.tokenizer, self.bind_rollout()
         questions = self.epoch_questions(epoch)[rank::world]
-        prompts = encode_prompts(tokenizer, [q.question + self.hparams.instruction for q in questions],
-                                 self.hparams.system_prompt)
-        before_rollout(trainer, self.rollout, module.student)  # e.g. the vLLM weight refresh
+        prompts = encode_prompts(tokenizer, [self.source.text(q) for q in questions], self.source.system_prompt)
+        before_rollout(trainer, self.rollout, module.policy)  # e.g. the vLLM weight refresh
         start = time.perf_counter()
-        rollouts = self.rollout.generate(prompts, seed=rollout_seed(self.hparams.seed, epoch, rank),
+        rollouts = self.rollout.generate(prompts, seed=rollout_seed(hp.seed, epoch, rank),
                                          desc=f"rollouts epoch {epoch}")
         generate_s = time.perf_counter() - start
         completions = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
         verdict = self.reward(completions, [q.answer for q in questions])
         control_stats = {}
-        if self.hparams.teacher_context == "revision":
+        if hp.teacher_context == "revision":
             controls = verdict.rewards  # the reward picks P_r ...
-            if self.hparams.reward_signal == "shuffled":  # ... or, in the control, a permutation of them does
-                controls = shuffled_rewards(verdict.rewards, rollout_seed(self.hparams.seed, epoch, rank))
+            if hp.reward_signal == "shuffled":  # ... or, in the control, a permutation of them does
+                controls = shuffled_rewards(verdict.rewards, rollout_seed(hp.seed, epoch, rank))
             examples = self._revision_examples(tokenizer, prompts, rollouts, controls, stops)
             control_stats = {"rollout/control_agreement": control_agreement(verdict.rewards, controls)}
         else:
             examples = self._prefixed_examples(tokenizer, questions, prompts, rollouts)
-        batches = self._batches(examples, tokenizer.pad_token_id, trainer)
+        batches = self._batches(examples, tokenizer.pad_token_id)
         valid = [r for r in verdict.rewards if r is not None]
         stats = {
             "rollout/reward_mean": sum(valid) / max(len(valid), 1),
@@ -312,15 +283,15 @@ class OnPolicyDataModule(L.LightningDataModule):
             "rollout/generated_tokens": float(sum(len(r.completion_ids) for r in rollouts)),
             "time/generate_s": generate_s,
             **control_stats,
-            **self._staleness(module, prompts, rollouts, tokenizer.pad_token_id),
+            **self._staleness(prompts, rollouts, tokenizer.pad_token_id),
         }
         return EpochData(epoch, batches, stats, completions)
 
     def _revision_examples(self, tokenizer, prompts, rollouts, controls, stops) -> list[DistillExample]:
         """SD-Zero's teacher ``chat(x) + y + P_r + y``, P_r picked by ``controls`` (the reward, or the control's)."""
-        examples = []
+        examples, phrases = [], self.control.phrases
         for prompt, rollout, reward in zip(prompts, rollouts, controls):
-            control = tokenizer.encode(control_text(self.phrases, reward or 0.0), add_special_tokens=False)
+            control = tokenizer.encode(control_text(phrases, reward or 0.0), add_special_tokens=False)
             example = build_distill_example(prompt, rollout.completion_ids, control, stops,
                                             self.hparams.max_teacher_len)
             if reward is None:  # unusable reference: keep the slot (equal batch counts on all ranks), no loss
@@ -336,39 +307,36 @@ class OnPolicyDataModule(L.LightningDataModule):
         if hp.teacher_context == "question":
             prefixes = prompts
         else:
-            texts = [teacher_question(q, hp.instruction, hp.teacher_context, hp.demonstration_template)
+            texts = [teacher_question(q, self.source.instruction, hp.teacher_context, hp.demonstration_template)
                      for q in questions]
-            prefixes = encode_prompts(tokenizer, texts, hp.system_prompt)
+            prefixes = encode_prompts(tokenizer, texts, self.source.system_prompt)
         return [build_prefixed_example(prompt, prefix, rollout.completion_ids, hp.max_teacher_len)
                 for prompt, prefix, rollout in zip(prompts, prefixes, rollouts)]
 
     def bind_rollout(self) -> list[int]:
         """Bind the rollout backend to the student (once; a vLLM engine is built here) and return the stop ids."""
-        module = self.trainer.lightning_module
-        stops = stop_token_ids(module.tokenizer, module.student.generation_config.eos_token_id)
+        module = self.module
+        stops = stop_token_ids(module.tokenizer, module.policy.generation_config.eos_token_id)
         if not self._bound:
-            self.rollout.setup(module.student, module.tokenizer, stops)
+            self.rollout.setup(module.policy, module.tokenizer, stops)
             self._bound = True
         return stops
 
-    def _staleness(self, module, prompts, rollouts, pad_id: int) -> dict[str, float]:
+    def _staleness(self, prompts, rollouts, pad_id: int) -> dict[str, float]:
         """``rollout/logprob_gap`` over the first ``logprob_gap_samples`` rollouts, if the engine gave log-probs."""
         n = min(self.hparams.logprob_gap_samples, len(rollouts))
         if n == 0 or any(r.logps is None for r in rollouts[:n]):
             return {}
-        trainer_logps = module.score("student", sampled_token_logps, prompts[:n],
-                                     [r.completion_ids for r in rollouts[:n]], pad_id, self.hparams.batch_size,
-                                     module.hparams.chunk_size)
+        trainer_logps = self.module.score("policy", sampled_token_logps, prompts[:n],
+                                          [r.completion_ids for r in rollouts[:n]], pad_id, self.hparams.batch_size,
+                                          self.module.chunk_size)
         return {"rollout/logprob_gap": logprob_gap([r.logps for r in rollouts[:n]], trainer_logps)}
 
-    def _batches(self, examples: list[DistillExample], pad_id: int, trainer) -> list[dict]:
-        size, accumulate = self.hparams.batch_size, trainer.accumulate_grad_batches
-        micro = [examples[i : i + size] for i in range(0, len(examples), size)]
-        steps = [micro[i : i + accumulate] for i in range(0, len(micro), accumulate)]
-        local = torch.tensor([sum(e.num_tokens for mb in step for e in mb) for step in steps], dtype=torch.long)
-        global_tokens = trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+    def _batches(self, examples: list[DistillExample], pad_id: int) -> list[dict]:
+        steps = split_steps(examples, self.hparams.batch_size, self.trainer.accumulate_grad_batches)
+        totals = step_totals(self.trainer.strategy, [sum(e.num_tokens for mb in step for e in mb) for step in steps])
         batches = []
-        for step, total in zip(steps, global_tokens.tolist()):
+        for step, total in zip(steps, totals):
             for mb in step:
                 batch = collate_distill(mb, pad_id)
                 batch["global_tokens"] = torch.tensor(int(total))

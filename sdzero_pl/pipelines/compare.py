@@ -44,8 +44,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from sdzero_pl.pipelines import demo
 from sdzero_pl.cli import main as cli
+from sdzero_pl.pipelines import demo
 
 METHODS = ("base", "rft", "grpo", "sdft", "sdft_answer", "srt", "sdzero", "control")
 LABELS = {"base": "base", "rft": "RFT", "grpo": "GRPO", "sdft": "SDFT", "sdft_answer": "SDFT (final answer only)",
@@ -231,7 +231,7 @@ def train(args: argparse.Namespace, seed: int, method: str) -> None:
         if method == "sdzero":
             demo.run_phase2(out, Path(start), questions["phase2"], seed, extra)
             return
-        extra = [f"--data.dataset={questions['phase2' if method in START else 'train']}", *extra]
+        extra = [f"--data.questions.dataset={questions['phase2' if method in START else 'train']}", *extra]
     config, fixed = SUITES[args.suite].configs[method]
     run_dir = out / method
     data_dir = [f"--data.output_dir={run_dir / DATA_DIRS[method]}"] if method in DATA_DIRS else []
@@ -251,7 +251,7 @@ def evaluate(args: argparse.Namespace, seed: int, method: str) -> None:
     elif not (directory / "eval_val.json").exists():
         cli(["validate", "--config", str(SUITES[args.suite].eval_config), f"--seed_everything={seed}",
              f"--model.model_name_or_path={model}", f"--model.results_dir={directory}", f"--model.seed={seed}",
-             f"--trainer.default_root_dir={directory}", f"--trainer.logger.init_args.save_dir={directory}", *flags])
+             f"--trainer.default_root_dir={directory}", *flags])
 
 
 def run_step(args: argparse.Namespace, step: Step) -> None:

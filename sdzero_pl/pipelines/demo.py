@@ -53,19 +53,18 @@ def fit(config: Path, run_dir: Path, model: str, seed: int, flags: list[str]) ->
     export = run_dir / "hf_model"
     if not _done(export):
         cli(["fit", "--config", str(config), f"--seed_everything={seed}", f"--model.model_name_or_path={model}",
-             f"--model.export_dir={export}", f"--trainer.default_root_dir={run_dir}",
-             f"--trainer.logger.init_args.save_dir={run_dir}", f"--data.seed={seed}", *flags])
+             f"--model.export_dir={export}", f"--trainer.default_root_dir={run_dir}", f"--data.seed={seed}", *flags])
     return export
 
 
 def run_phase1(out: Path, base: str, questions: Path, seed: int, extra: list[str]) -> Path:
     run_dir = out / "srt"
     return fit(CONFIGS / "srt.yaml", run_dir, base, seed,
-               [f"--data.dataset={questions}", f"--data.output_dir={run_dir / 'srt_data'}", *extra])
+               [f"--data.questions.dataset={questions}", f"--data.output_dir={run_dir / 'srt_data'}", *extra])
 
 
 def run_phase2(out: Path, srt: Path, questions: Path, seed: int, extra: list[str]) -> Path:
-    return fit(CONFIGS / "sdzero.yaml", out / "sdzero", str(srt), seed, [f"--data.dataset={questions}", *extra])
+    return fit(CONFIGS / "sdzero.yaml", out / "sdzero", str(srt), seed, [f"--data.questions.dataset={questions}", *extra])
 
 
 def evaluate(out: Path, name: str, model: str, heldout: Path, seed: int, extra: list[str]) -> dict:

@@ -52,6 +52,11 @@ class RolloutBackend(ABC):
         """One completion per prompt, sampled from the policy's current weights with this seed."""
 
 
+def rollout_seed(seed: int, epoch: int, rank: int) -> int:
+    """One seed stream per (run seed, epoch, rank)."""
+    return (seed * 1_000_003 + epoch * 65_537 + rank) % (2**63)
+
+
 def split_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int]) -> Rollout:
     """Cut a generated tail at the first stop token (kept); what follows it is padding."""
     stops = set(stop_ids)

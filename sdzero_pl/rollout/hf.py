@@ -8,8 +8,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sdzero_pl.rollout.base import Rollout, RolloutBackend, split_at_stop
 from sdzero_pl.core.sequences import pad_sequences
+from sdzero_pl.rollout.base import Rollout, RolloutBackend, split_at_stop
 
 
 class HFRollout(RolloutBackend):

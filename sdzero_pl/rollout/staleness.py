@@ -12,24 +12,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from sdzero_pl.core.models import backbone, output_weight
-from sdzero_pl.core.sequences import pad_sequences, position_ids, select_targets
-
-
-@torch.no_grad()
-def token_logps(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, chunk_size: int = 512
-                ) -> torch.Tensor:
-    """Full-vocabulary log-prob of each target token, ``chunk_size`` rows at a time (never a (N, V) tensor for all
-    rows at once). (N, H), (V, H), (N,) -> (N,) float32 (float64 for float64 inputs)."""
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    out = torch.empty(target_ids.shape[0], dtype=dtype, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        stop = min(start + chunk_size, hidden.shape[0])
-        logits = F.linear(hidden[start:stop], weight).to(dtype)  # (n, V), one chunk only
-        out[start:stop] = logits.log_softmax(-1).gather(-1, target_ids[start:stop, None]).squeeze(-1)
-    return out
+from sdzero_pl.core.losses import token_logps
+from sdzero_pl.core.models import hidden_states, output_weight
+from sdzero_pl.core.sequences import pad_sequences, select_targets
 
 
 @torch.no_grad()
@@ -48,8 +34,7 @@ def sampled_token_logps(model, prompt_ids: Sequence[Sequence[int]], completion_i
             ids = pad_sequences(sequences, pad_id).to(device)  # (B, T)
             attention_mask = pad_sequences([[1] * len(s) for s in sequences], 0).to(device)  # (B, T)
             mask = pad_sequences([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0).to(device)
-            hidden = backbone(model)(input_ids=ids, attention_mask=attention_mask,
-                                     position_ids=position_ids(attention_mask)).last_hidden_state  # (B, T, H)
+            hidden = hidden_states(model, ids, attention_mask)  # (B, T, H)
             h, targets = select_targets(hidden, ids, mask)  # (N, H), (N,)
             values = token_logps(h, output_weight(model), targets, chunk_size).tolist()
             for completion in completions:

@@ -7,11 +7,11 @@ rows; they never silently become a 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
 
-from sdzero_pl.data.questions import load_questions
+from sdzero_pl.data.questions import Question, QuestionSource, load_questions
 
 
 @dataclass
@@ -24,28 +24,26 @@ class RewardBatch:
 
 class Verifier(ABC):
     """A reward function, chosen in YAML by ``class_path``. ``answers`` are the dataset's references
-    (math: a string; code: a list of tests)."""
+    (math: a string; code: a list of tests). The verifier also reads its task's questions
+    (:meth:`load_questions`), so a config switches domain by switching the reward alone."""
+
+    fields: ClassVar[tuple[str, str, str | None]] = ("problem", "answer", None)
+    """default (question, answer, id) columns of this task's datasets; id None = the row number."""
 
     @abstractmethod
     def __call__(self, completions: Sequence[str], answers: Sequence[Any]) -> RewardBatch: ...
 
-    def load_questions(
-        self,
-        source: str,
-        config: str | None = None,
-        split: str = "train",
-        question_field: str = "problem",
-        answer_field: str = "answer",
-        id_field: str | None = None,
-        solution_field: str | None = None,
-    ) -> list:
-        """The dataset's questions with references of the kind this verifier checks (default: math, a string
-        answer per row). The data modules load through their verifier, so a code config only swaps the reward.
-        ``solution_field``: also read a reference solution per row (SDFT's demonstration)."""
-        return load_questions(source, config, split, question_field, answer_field, id_field,
-                              solution_field=solution_field)
+    def columns(self, source: QuestionSource) -> tuple[str, str, str | None]:
+        """The (question, answer, id) columns ``source`` names, this task's defaults where it names none."""
+        question, answer, id_ = self.fields
+        return source.question_field or question, source.answer_field or answer, source.id_field or id_
+
+    def load_questions(self, source: QuestionSource) -> list[Question]:
+        """Every row of ``source`` as a :class:`Question` with a reference of the kind this verifier checks
+        (default: math, a non-empty string answer per row); ``solution_field``: a reference solution per row too."""
+        question, answer, id_ = self.columns(source)
+        return load_questions(source.dataset, source.dataset_config, source.split, question, answer, id_,
+                              solution_field=source.solution_field)
 
     def close(self) -> None:
         """Release worker processes, if any."""
-
-

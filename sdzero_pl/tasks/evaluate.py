@@ -18,8 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sdzero_pl.core.prompts import control_phrases, control_text, render_prompt
-from sdzero_pl.tasks.math import MathReward, extract_last_boxed
 from sdzero_pl.tasks.arithmetic import Problem, add_settings_arguments, generate_split, settings_from_args
+from sdzero_pl.tasks.math import MathReward, extract_last_boxed
 
 
 @dataclass

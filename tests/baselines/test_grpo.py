@@ -11,13 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from sdzero_pl.baselines.grpo import GRPOModule, build_rollout_example, plan_micro_batches
+from sdzero_pl.baselines.grpo_data import GroupRolloutDataModule
 from sdzero_pl.cli import main
-from sdzero_pl.baselines.grpo import GroupRolloutDataModule, GRPOModule, build_rollout_example, plan_micro_batches
 from sdzero_pl.core.models import load_tokenizer
+from sdzero_pl.core.optim import OptimArgs
 from sdzero_pl.core.prompts import encode_prompts
-from sdzero_pl.data.questions import load_questions
-from sdzero_pl.tasks import RewardBatch, Verifier
+from sdzero_pl.data.questions import QuestionSource, load_questions
 from sdzero_pl.rollout import HFRollout
+from sdzero_pl.tasks import RewardBatch, Verifier
 
 DIGITS = "0123456789"
 
@@ -70,10 +72,10 @@ class RatioProbe(L.Callback):
 
 def _fit(tmp_path, model_dir, questions, *, epochs, reward, rollout=None, callbacks=(), accumulate=1, module_kw=None,
          **data_kw):
-    module = GRPOModule(model_dir, dtype="float32", lr=1e-2, warmup_steps=0, weight_decay=0.0,
-                        export_dir=str(tmp_path / "export"), **(module_kw or {}))
+    module = GRPOModule(model_dir, dtype="float32", optim=OptimArgs(lr=1e-2), export_dir=str(tmp_path / "export"),
+                        **(module_kw or {}))
     data_kw = {"prompts_per_epoch": 8, "group_size": 8, "batch_size": 16, **data_kw}
-    data = GroupRolloutDataModule(questions, id_field="id", reward=reward, output_dir=str(tmp_path / "grpo_data"),
+    data = GroupRolloutDataModule(QuestionSource(questions, id_field="id", shuffle=True), reward=reward, output_dir=str(tmp_path / "grpo_data"),
                                   rollout=rollout or HFRollout(max_new_tokens=2, show_progress=False), **data_kw)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, reload_dataloaders_every_n_epochs=1,
                         accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
@@ -170,30 +172,31 @@ def test_masked_rollouts_are_context_only():
 
 
 @pytest.mark.parametrize("kwargs, flag", [({"clip_low": 1.0}, "clip_low"), ({"clip_high": -1.0}, "clip_high"),
-                                           ({"kl_coef": -0.1}, "kl_coef"), ({"lr_schedule": "step"}, "lr_schedule")])
+                                           ({"kl_coef": -0.1}, "kl_coef"),
+                                           ({"optim": {"schedule": "step"}}, "optim.schedule")])
 def test_bad_module_flags_name_the_flag(tiny_model_dir, kwargs, flag):
     with pytest.raises(ValueError, match=flag):
-        GRPOModule(tiny_model_dir, **kwargs)
+        GRPOModule(tiny_model_dir, **{k: OptimArgs(**v) if k == "optim" else v for k, v in kwargs.items()})
 
 
 @pytest.mark.parametrize("kwargs, flag", [({"group_size": 1}, "group_size"), ({"ppo_epochs": 0}, "ppo_epochs"),
                                            ({"prompts_per_epoch": 0}, "prompts_per_epoch")])
 def test_bad_data_flags_name_the_flag(questions_file, kwargs, flag):
     with pytest.raises(ValueError, match=flag):
-        GroupRolloutDataModule(questions_file, **kwargs)
+        GroupRolloutDataModule(QuestionSource(questions_file), **kwargs)
 
 
 def test_group_rollouts_need_reloading_every_epoch(tmp_path, tiny_model_dir, questions_file):
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
                         default_root_dir=str(tmp_path))
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
-        trainer.fit(GRPOModule(tiny_model_dir, dtype="float32"), GroupRolloutDataModule(questions_file))
+        trainer.fit(GRPOModule(tiny_model_dir, dtype="float32"), GroupRolloutDataModule(QuestionSource(questions_file)))
 
 
 def test_tiny_grpo_config_runs_through_main(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["main.py"])  # LightningCLI reads `args` only
     main(["fit", "--config", "configs/tiny/grpo.yaml", "--trainer.max_epochs=1", "--data.prompts_per_epoch=4",
-          f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+          f"--trainer.default_root_dir={tmp_path}",
           f"--model.init_args.export_dir={tmp_path / 'hf_model'}", f"--data.init_args.output_dir={tmp_path / 'data'}"])
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model") is not None
     assert json.loads((tmp_path / "data" / "budget.json").read_text())["total"]["generations"] == 4 * 4

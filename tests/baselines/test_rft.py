@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import lightning as L
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sdzero_pl.cli import main
-from sdzero_pl.phase1.collect import read_trace_file
-from sdzero_pl.core.models import load_tokenizer
-from sdzero_pl.data.questions import load_questions
-from sdzero_pl.tasks import RewardBatch, Verifier
 from sdzero_pl.baselines.rft import RFTDataModule, SampleCollector, clean_samples, encode_sample
+from sdzero_pl.cli import main
+from sdzero_pl.core.models import load_tokenizer
+from sdzero_pl.data.questions import QuestionSource, load_questions
+from sdzero_pl.data.records import read_trace_file
+from sdzero_pl.phase1.srt import SRT_OPTIM, SelfReviseSFTModule
 from sdzero_pl.rollout import HFRollout
-from sdzero_pl.phase1.srt import SelfReviseSFTModule
+from sdzero_pl.tasks import RewardBatch, Verifier
 
 DIGITS = "0123456789"
 
@@ -54,10 +55,12 @@ def mean_logp(model, examples) -> float:
 
 
 def _fit(tmp_path, model_dir, questions, *, epochs=2, rollout=None, **data_kw):
-    module = SelfReviseSFTModule(model_dir, dtype="float32", lr=1e-2, warmup_ratio=0.0, lr_schedule="constant",
+    module = SelfReviseSFTModule(model_dir, dtype="float32",
+                                 optim=replace(SRT_OPTIM, lr=1e-2, warmup_ratio=0.0, schedule="constant"),
                                  export_dir=str(tmp_path / "export"))
-    data_kw = {"num_questions": 16, "samples_per_question": 8, "questions_per_chunk": 8, "batch_size": 4, **data_kw}
-    data = RFTDataModule(questions, id_field="id", reward=StartsWithDigit(), output_dir=str(tmp_path / "rft_data"),
+    data_kw = {"samples_per_question": 8, "questions_per_chunk": 8, "batch_size": 4, **data_kw}
+    source = QuestionSource(questions, id_field="id", num_questions=data_kw.pop("num_questions", 16))
+    data = RFTDataModule(source, reward=StartsWithDigit(), output_dir=str(tmp_path / "rft_data"),
                          rollout=rollout or HFRollout(max_new_tokens=3, show_progress=False), show_progress=False,
                          max_length=128, **data_kw)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, reload_dataloaders_every_n_epochs=1,
@@ -75,12 +78,13 @@ def test_rft_keeps_correct_samples_and_raises_their_likelihood(tmp_path, tiny_mo
     samples = samples_file.of_kind("sample")
     assert samples and all(s["completion"][:1] in DIGITS for s in samples), "only verified-correct samples are kept"
     assert len(samples_file.of_kind("question")) == 16 and samples_file.finished is not None
-    assert len(data.examples) == len(clean_samples(samples)[0])
-    before, after = mean_logp(start, data.examples), mean_logp(module.model, data.examples)
+    examples = data.plan.stages[0]
+    assert len(examples) == len(clean_samples(samples)[0])
+    before, after = mean_logp(start, examples), mean_logp(module.policy, examples)
     assert after > before + 0.5, (before, after)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     start_params = dict(start.named_parameters())
-    assert all(not torch.equal(p, start_params[n]) for n, p in module.model.named_parameters())
+    assert all(not torch.equal(p, start_params[n]) for n, p in module.policy.named_parameters())
     ledger = json.loads((tmp_path / "rft_data" / "budget.json").read_text())
     tokens = sum(c["tokens"] for c in samples_file.of_kind("chunk"))
     assert ledger["phases"]["rft/sample"] == {"generations": 16 * 8, "tokens": tokens}
@@ -118,12 +122,13 @@ def test_an_interrupted_collection_resumes_to_the_same_file(tmp_path, tiny_model
     tokenizer = load_tokenizer(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     questions = load_questions(questions_file, id_field="id")[:8]
+    eos = [tokenizer.eos_token_id]
 
     def collector():
         rollout = HFRollout(max_new_tokens=3, show_progress=False)
         rollout.setup(model, tokenizer, [tokenizer.eos_token_id])
-        return SampleCollector(rollout, StartsWithDigit(), tokenizer, [tokenizer.eos_token_id],
-                               samples_per_question=4, questions_per_chunk=4, seed=3)
+        return SampleCollector(rollout, StartsWithDigit(), samples_per_question=4, questions_per_chunk=4,
+                               seed=3).bind(tokenizer, eos)
 
     straight = tmp_path / "straight.jsonl"
     collector().run(straight, questions, show_progress=False)
@@ -135,8 +140,8 @@ def test_an_interrupted_collection_resumes_to_the_same_file(tmp_path, tiny_model
     collector().run(resumed, questions, show_progress=False)
     assert resumed.read_text() == text
     with pytest.raises(ValueError, match="recollect"):
-        SampleCollector(collector().rollout, StartsWithDigit(), tokenizer, [tokenizer.eos_token_id],
-                        samples_per_question=2, questions_per_chunk=4, seed=3).run(resumed, questions)
+        SampleCollector(collector().rollout, StartsWithDigit(), samples_per_question=2, questions_per_chunk=4,
+                        seed=3).bind(tokenizer, eos).run(resumed, questions)
 
 
 @pytest.mark.parametrize("kwargs, flag", [({"samples_per_question": 0}, "samples_per_question"),
@@ -144,13 +149,14 @@ def test_an_interrupted_collection_resumes_to_the_same_file(tmp_path, tiny_model
                                            ({"num_questions": 0}, "num_questions")])
 def test_bad_flags_name_the_flag(questions_file, kwargs, flag):
     with pytest.raises(ValueError, match=flag):
-        RFTDataModule(questions_file, **kwargs)
+        limit = {"num_questions": kwargs.pop("num_questions")} if "num_questions" in kwargs else {}
+        RFTDataModule(QuestionSource(questions_file, **limit), **kwargs)
 
 
 def test_tiny_rft_config_runs_through_main(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["main.py"])  # LightningCLI reads `args` only
-    main(["fit", "--config", "configs/tiny/rft.yaml", "--trainer.max_epochs=1", "--data.num_questions=4",
-          f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+    main(["fit", "--config", "configs/tiny/rft.yaml", "--trainer.max_epochs=1", "--data.questions.num_questions=4",
+          f"--trainer.default_root_dir={tmp_path}",
           f"--model.init_args.export_dir={tmp_path / 'hf_model'}", f"--data.init_args.output_dir={tmp_path / 'data'}"])
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model") is not None
     assert json.loads((tmp_path / "data" / "budget.json").read_text())["total"]["generations"] == 4 * 4

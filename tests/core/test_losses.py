@@ -13,6 +13,7 @@ from sdzero_pl.core.losses import (
     normalised_sum,
     reverse_kl,
     teacher_topk,
+    token_logps,
     topk_divergence,
 )
 
@@ -137,3 +138,27 @@ def test_step_without_valid_tokens_contributes_zero_but_keeps_the_graph():
 def test_unknown_divergence_names_the_value():
     with pytest.raises(ValueError, match="'kl'"):
         topk_divergence(torch.randn(1, 2), torch.randn(1, 2), "kl")
+
+
+# ------------------------------------------------------------------------------------ token log-probs
+def test_token_logps_match_full_cross_entropy_values_and_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (13,))
+    fast = -token_logps(hidden, weight, targets, chunk_size=4)
+    naive = F.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    torch.testing.assert_close(fast, naive)
+    grads = torch.autograd.grad(fast.sum(), (hidden, weight))
+    expected = torch.autograd.grad(naive.sum(), (hidden, weight))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_token_logps_match_full_log_softmax_for_any_chunk_size():
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(7, 5, generator=gen), torch.randn(11, 5, generator=gen)
+    targets = torch.randint(0, 11, (7,), generator=gen)
+    reference = F.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    for chunk in (1, 3, 100):
+        assert torch.allclose(token_logps(hidden, weight, targets, chunk), reference, atol=1e-6)

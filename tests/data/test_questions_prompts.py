@@ -71,7 +71,7 @@ def test_control_presets_and_overrides():
     assert control_phrases("qwen")[0] == CONTROL_PRESETS["qwen"][0]
     assert control_phrases("olmo", wrong="Nope.")[0] == "Nope."
     assert control_text(control_phrases(), 1.0) == "\n\nLet me rephrase the above solution.\n\n"
-    with pytest.raises(ValueError, match="control_preset"):
+    with pytest.raises(ValueError, match=r"control\.preset"):
         control_phrases("gpt")
 
 

@@ -12,15 +12,15 @@ from typing import Sequence
 
 import pytest
 
-from sdzero_pl.evaluation.benchmarks import BENCHMARKS, NORMALISERS, PAPER_BENCHMARKS, load_benchmark, resolve_benchmark
 from sdzero_pl.cli import main
-from sdzero_pl.evaluation.evaluate import EvalDataModule, EvalItem, Sampler, SampleRecord
-from sdzero_pl.evaluation.metrics import BenchmarkScores, average_rows, markdown_table
 from sdzero_pl.core.models import load_tokenizer
 from sdzero_pl.core.prompts import control_phrases, control_text, encode_prompts
 from sdzero_pl.data.questions import Question
-from sdzero_pl.tasks import RewardBatch, Verifier
+from sdzero_pl.evaluation.benchmarks import BENCHMARKS, NORMALISERS, PAPER_BENCHMARKS, load_benchmark, resolve_benchmark
+from sdzero_pl.evaluation.evaluate import EvalDataModule, EvalItem, Sampler, SampleRecord
+from sdzero_pl.evaluation.metrics import BenchmarkScores, average_rows, markdown_table
 from sdzero_pl.rollout import Rollout, RolloutBackend, split_at_stop
+from sdzero_pl.tasks import RewardBatch, Verifier
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "eval"
@@ -186,7 +186,7 @@ def test_validate_command_end_to_end_writes_json_and_markdown(tiny_model_dir, tm
         "--model.init_args.rollout.init_args.max_new_tokens=6",
         f"--data.init_args.benchmarks=[{sums}]", "--data.init_args.benchmark_overrides={sums: {id_field: id}}",
         "--data.init_args.max_questions=3", "--data.init_args.batch_size=2",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
     ])
     log_dir = tmp_path / "tensorboard" / "version_0"
     results = json.loads((log_dir / "eval_val.json").read_text())

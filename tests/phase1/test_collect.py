@@ -20,14 +20,16 @@ from pathlib import Path
 import pytest
 
 from sdzero_pl.core.budget import BudgetLedger
-from sdzero_pl.phase1.collect import (TraceCollector, chunk_seed, clean_traces, load_traces, read_trace_file, strip_opener,
-                               summarize, trim_repeating_tail)
 from sdzero_pl.core.models import load_model, load_tokenizer
 from sdzero_pl.core.prompts import control_phrases, control_text, stop_token_ids
-from sdzero_pl.data.questions import DataError, Question
-from sdzero_pl.tasks import MathReward, RewardBatch, Verifier, extract_last_boxed
-from sdzero_pl.rollout import HFRollout, Rollout, RolloutBackend
 from sdzero_pl.core.sequences import strip_stop
+from sdzero_pl.data.questions import DataError, Question
+from sdzero_pl.data.records import chunk_seed, read_trace_file
+from sdzero_pl.data.records import summarize as summarize_chunks
+from sdzero_pl.phase1.clean import clean_traces, strip_opener, trim_repeating_tail
+from sdzero_pl.phase1.collect import TOTALS, TraceCollector, load_traces
+from sdzero_pl.rollout import HFRollout, Rollout, RolloutBackend
+from sdzero_pl.tasks import MathReward, RewardBatch, Verifier, extract_last_boxed
 
 PHRASES = control_phrases("paper")
 
@@ -86,8 +88,12 @@ def collector(tokenizer, rollout=None, reward=None, **kwargs) -> TraceCollector:
     rollout.setup(None, tokenizer, stops)
     settings = dict(inits_per_question=1, revisions_per_init=3, questions_per_chunk=4, seed=0)
     settings.update(kwargs)
-    return TraceCollector(rollout, reward or ExactMatch(), tokenizer, stops, PHRASES, " Answer in \\boxed{}.",
-                          None, **settings)
+    return TraceCollector(rollout, reward or ExactMatch(), phrases=PHRASES, instruction=" Answer in \\boxed{}.",
+                          **settings).bind(tokenizer, stops)
+
+
+def summarize(state) -> dict[str, int]:
+    return summarize_chunks(state, TOTALS)
 
 
 def traces_of(path) -> list[dict]:
@@ -172,7 +178,7 @@ def test_generations_and_tokens_reach_the_budget_ledger(tokenizer, tmp_path):
 
 def test_target_trace_count_stops_the_collection_at_a_chunk_boundary(tokenizer, tmp_path):
     path = tmp_path / "t.jsonl"
-    collector(tokenizer, ScriptedRollout(p_right=1.0)).run(path, questions(12), target_traces=5, show_progress=False)
+    collector(tokenizer, ScriptedRollout(p_right=1.0), target_traces=5).run(path, questions(12), show_progress=False)
     state = read_trace_file(path)
     assert state.finished["reason"] == "target reached"
     assert state.chunks == 1 and len(state.of_kind("question")) == 4  # 4 questions x 3 right revisions >= 5
@@ -352,8 +358,8 @@ def test_hf_rollout_collection_on_the_tiny_model_is_reproducible(tiny_model_dir,
     for name in ("a", "b"):
         rollout = HFRollout(temperature=1.0, max_new_tokens=12, batch_size=16, show_progress=False)
         rollout.setup(model, tokenizer, stops)
-        c = TraceCollector(rollout, MathReward(), tokenizer, stops, PHRASES, "", None, 1, 2, True, True,
-                           keep_incorrect=True, questions_per_chunk=3, seed=0)
+        c = TraceCollector(rollout, MathReward(), phrases=PHRASES, inits_per_question=1, revisions_per_init=2,
+                           keep_incorrect=True, questions_per_chunk=3, seed=0).bind(tokenizer, stops)
         c.run(tmp_path / f"{name}.jsonl", questions(5), ledger=BudgetLedger(tmp_path / f"{name}.json"),
               show_progress=False)
         c.reward.close()

@@ -5,21 +5,30 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdzero_pl.cli import main
 from sdzero_pl.core.models import load_model, load_tokenizer
+from sdzero_pl.core.optim import OptimArgs, staged_lr_factor
 from sdzero_pl.core.prompts import SEPARATOR, control_phrases, render_prompt
-from sdzero_pl.data.questions import DataError
-from sdzero_pl.phase1.srt import (SelfReviseSFTModule, TraceDataModule, build_srt_example, chunked_nll, collate_srt,
-                           encode_trace, objective_stages, srt_loss, staged_lr_factor)
+from sdzero_pl.data.questions import DataError, QuestionSource
+from sdzero_pl.phase1.data import SFTPlan, TraceDataModule
+from sdzero_pl.phase1.srt import (
+    SRT_OPTIM,
+    SelfReviseSFTModule,
+    build_srt_example,
+    collate_srt,
+    encode_trace,
+    objective_stages,
+    srt_loss,
+)
 
 PHRASES = control_phrases("paper")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -93,20 +102,6 @@ def test_padding_is_never_a_target():
 
 
 # -------------------------------------------------------------------------------------------------------- loss
-def test_chunked_nll_matches_full_cross_entropy_values_and_gradients():
-    torch.manual_seed(0)
-    hidden = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 11, (13,))
-    fast = chunked_nll(hidden, weight, targets, chunk_size=4)
-    naive = F.cross_entropy(hidden @ weight.T, targets, reduction="none")
-    torch.testing.assert_close(fast, naive)
-    grads = torch.autograd.grad(fast.sum(), (hidden, weight))
-    expected = torch.autograd.grad(naive.sum(), (hidden, weight))
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want)
-
-
 def naive_srt_loss(model, examples) -> torch.Tensor:
     """Full logits, one unpadded sequence at a time: token mean of the revision NLL + token mean of the generation NLL."""
     sums, counts = {"revision": 0.0, "generation": 0.0}, {"revision": 0, "generation": 0}
@@ -128,17 +123,16 @@ def fake_trainer(world_size: int = 1, rank: int = 0, accumulate: int = 1, reduce
 
 def split_batches(examples, batch_size, accumulate, world_size) -> list[list[dict]]:
     """Each rank's micro-batches, planned by the data module itself (its all-reduce simulated across ranks)."""
-    data = TraceDataModule(dataset="unused.jsonl", num_questions=0, extra_traces_file="unused.jsonl",
-                           batch_size=batch_size, shuffle=False)
+    planner = SFTPlan([examples], batch_size=batch_size, shuffle=False, seed=0)
     local = []
     for rank in range(world_size):  # pass 1: each rank's local step counts
-        data.trainer = fake_trainer(world_size, rank, accumulate, lambda t, reduce_op: local.append(t) or t)
-        data._plan(examples, epoch=0)
+        planner.micro_batches(fake_trainer(world_size, rank, accumulate, lambda t, reduce_op: local.append(t) or t),
+                              examples, epoch=0)
     total = sum(local)
     ranks = []
     for rank in range(world_size):  # pass 2: the all-reduced counts
-        data.trainer = fake_trainer(world_size, rank, accumulate, lambda t, reduce_op: total)
-        plan = data._plan(examples, epoch=0)
+        plan = planner.micro_batches(fake_trainer(world_size, rank, accumulate, lambda t, reduce_op: total),
+                                     examples, epoch=0)
         ranks.append([{**collate_srt([examples[i] for i in mb], 0), "global_revision_tokens": torch.tensor(r),
                        "global_generation_tokens": torch.tensor(g)} for mb, r, g in plan])
     return ranks
@@ -202,7 +196,7 @@ def test_objectives_choose_the_masks_and_two_stage_splits_like_the_reference(tok
 
 
 def test_each_stage_warms_up_and_decays_on_its_own():
-    factors = [staged_lr_factor(s, [10, 4], 0, 0.2, "cosine", 0.0) for s in range(14)]
+    factors = [staged_lr_factor(s, [10, 4], OptimArgs(warmup_ratio=0.2, schedule="cosine")) for s in range(14)]
     assert factors[0] == pytest.approx(0.5) and factors[1] == pytest.approx(1.0)  # 2 warm-up steps of 10
     assert factors[9] < 0.1 and factors[10] == pytest.approx(1.0)  # stage 2 restarts (1 warm-up step of 4)
     assert factors[13] < factors[11]
@@ -210,12 +204,12 @@ def test_each_stage_warms_up_and_decays_on_its_own():
 
 # ------------------------------------------------------------------------------------------------------ module
 def fit(tmp_path, tiny_model_dir, questions_file, traces_file, max_steps=2, epochs=3, **data_kwargs):
-    module = SelfReviseSFTModule(tiny_model_dir, dtype="float32", lr=1e-2, warmup_ratio=0.0,
+    module = SelfReviseSFTModule(tiny_model_dir, dtype="float32", optim=replace(SRT_OPTIM, lr=1e-2, warmup_ratio=0.0),
                                  export_dir=str(tmp_path / "hf_model"))
-    kwargs = dict(dataset=questions_file, id_field="id", num_questions=0, extra_traces_file=traces_file,
-                  output_dir=str(tmp_path / "srt_data"), batch_size=2, max_length=256)
+    source = QuestionSource(questions_file, id_field="id", num_questions=data_kwargs.pop("num_questions", 0))
+    kwargs = dict(extra_traces_file=traces_file, output_dir=str(tmp_path / "srt_data"), batch_size=2, max_length=256)
     kwargs.update(data_kwargs)
-    data = TraceDataModule(**kwargs)
+    data = TraceDataModule(source, **kwargs)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=epochs,
                         reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
@@ -229,7 +223,7 @@ def test_two_steps_change_the_weights_and_the_export_loads(tmp_path, tiny_model_
     module, data, trainer = fit(tmp_path, tiny_model_dir, questions_file, traces)
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    after = module.model.state_dict()
+    after = module.policy.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model")
     for k, v in exported.state_dict().items():
@@ -243,7 +237,7 @@ def test_two_stage_resets_the_optimizer_between_stages(tmp_path, tiny_model_dir,
     traces = write_jsonl(tmp_path / "hand.jsonl", handcrafted_traces(tokenizer, 6))
     module, data, trainer = fit(tmp_path, tiny_model_dir, questions_file, traces, max_steps=-1, objective="two_stage",
                                 stage2_size=3, stage1_epochs=1, epochs=2)
-    assert [len(s) for s in data.stages] == [3, 3]
+    assert [len(s) for s in data.plan.stages] == [3, 3]
     assert trainer.current_epoch == 2 and trainer.global_step == 2 + 2  # 2 micro-batches of 2 per stage
     assert float(trainer.callback_metrics["train/stage"]) == 1.0
 

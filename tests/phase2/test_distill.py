@@ -8,6 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from callbacks import TeacherSync
+from sdzero_pl.core.optim import OptimArgs
+from sdzero_pl.data.questions import QuestionSource
 from sdzero_pl.phase2.distill import SelfDistillModule
 from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
 from sdzero_pl.rollout import HFRollout
@@ -25,9 +27,9 @@ class CountingRollout(HFRollout):
 
 def _fit(tmp_path, model_dir, questions, *, epochs=2, batch_size=4, accumulate=1, dtype="float32", callbacks=(),
          rollout=None, ckpt_path=None, lr=1e-2, prompts=8, logger=False, **module_kwargs):
-    module = SelfDistillModule(model_dir, dtype=dtype, top_k=8, lr=lr, warmup_steps=0,
+    module = SelfDistillModule(model_dir, dtype=dtype, top_k=8, optim=OptimArgs(lr=lr),
                                export_dir=str(tmp_path / "export"), **module_kwargs)
-    data = OnPolicyDataModule(questions, id_field="id", prompts_per_epoch=prompts, batch_size=batch_size,
+    data = OnPolicyDataModule(QuestionSource(questions, id_field="id", shuffle=True), prompts_per_epoch=prompts, batch_size=batch_size,
                               max_teacher_len=128, rollout=rollout or HFRollout(max_new_tokens=16, show_progress=False))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, reload_dataloaders_every_n_epochs=1,
@@ -47,7 +49,7 @@ def test_two_steps_change_the_student_and_not_the_teacher(tmp_path, tiny_model_d
     module, trainer = _fit(tmp_path, tiny_model_dir, questions_file, epochs=2)
     assert trainer.global_step == 4
     before = dict(start.named_parameters())
-    changed = [n for n, p in module.student.named_parameters() if not torch.equal(p, before[n])]
+    changed = [n for n, p in module.policy.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)
     for name, param in module.teacher.named_parameters():
         assert torch.equal(param, before[name]) and not param.requires_grad
@@ -60,7 +62,7 @@ def test_two_steps_change_the_student_and_not_the_teacher(tmp_path, tiny_model_d
     assert ledger["phases"]["phase2/rollout"]["tokens"] > 0
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     for name, param in exported.named_parameters():
-        torch.testing.assert_close(param, dict(module.student.named_parameters())[name])
+        torch.testing.assert_close(param, dict(module.policy.named_parameters())[name])
 
 
 class AskAgain(L.Callback):
@@ -86,7 +88,7 @@ def test_microbatch_split_does_not_change_the_update_float64(tmp_path, tiny_mode
     split, _ = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=1, batch_size=1, accumulate=4,
                     dtype="float64", prompts=4)
     start = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).named_parameters())
-    for (name, a), (_, b) in zip(whole.student.named_parameters(), split.student.named_parameters()):
+    for (name, a), (_, b) in zip(whole.policy.named_parameters(), split.policy.named_parameters()):
         assert not torch.equal(a, start[name])
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
@@ -109,7 +111,7 @@ def test_teacher_sync_copies_the_student_every_n_steps(tmp_path, tiny_model_dir,
     sync = TeacherSync(every_n_steps=1)
     module, _ = _fit(tmp_path, tiny_model_dir, questions_file, epochs=1, callbacks=[sync])
     assert sync.syncs == 2
-    student = dict(module.student.named_parameters())
+    student = dict(module.policy.named_parameters())
     for name, param in module.teacher.named_parameters():
         assert torch.equal(param, student[name]) and not param.requires_grad
 
@@ -125,7 +127,7 @@ def test_removing_other_callbacks_does_not_change_the_weights(tmp_path, tiny_mod
     extra = [TeacherSync(every_n_steps=0), L.pytorch.callbacks.LearningRateMonitor(), L.pytorch.callbacks.Timer()]
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path / "tb")
     with_callbacks, _ = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=2, callbacks=extra, logger=logger)
-    for (_, a), (_, b) in zip(plain.student.named_parameters(), with_callbacks.student.named_parameters()):
+    for (_, a), (_, b) in zip(plain.policy.named_parameters(), with_callbacks.policy.named_parameters()):
         assert torch.equal(a, b)
 
 
@@ -133,9 +135,9 @@ def test_resume_restores_student_teacher_optimizer_and_data_position(tmp_path, t
     straight, _ = _fit(tmp_path / "a", tiny_model_dir, questions_file, epochs=2,
                        callbacks=[TeacherSync(every_n_steps=3)])
     ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    module = SelfDistillModule(tiny_model_dir, dtype="float32", top_k=8, lr=1e-2, warmup_steps=0,
+    module = SelfDistillModule(tiny_model_dir, dtype="float32", top_k=8, optim=OptimArgs(lr=1e-2),
                                export_dir=str(tmp_path / "e1"))
-    data = OnPolicyDataModule(questions_file, id_field="id", prompts_per_epoch=8, batch_size=4, max_teacher_len=128,
+    data = OnPolicyDataModule(QuestionSource(questions_file, id_field="id", shuffle=True), prompts_per_epoch=8, batch_size=4, max_teacher_len=128,
                               rollout=HFRollout(max_new_tokens=16, show_progress=False))
     first = L.Trainer(accelerator="cpu", max_epochs=1, reload_dataloaders_every_n_epochs=1, logger=False,
                       enable_progress_bar=False, callbacks=[ckpt_cb, TeacherSync(every_n_steps=3)])
@@ -143,22 +145,24 @@ def test_resume_restores_student_teacher_optimizer_and_data_position(tmp_path, t
     resumed, trainer = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=2,
                             ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), callbacks=[TeacherSync(every_n_steps=3)])
     assert trainer.global_step == 4
-    for role in ("student", "teacher"):
+    for role in ("policy", "teacher"):
         for (name, a), (_, b) in zip(getattr(straight, role).named_parameters(), getattr(resumed, role).named_parameters()):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"{role}.{name}")
 
 
 @pytest.mark.parametrize("kwargs, flag", [({"top_k": 0}, "top_k"), ({"divergence": "js"}, "divergence"),
-                                           ({"lr_schedule": "step"}, "lr_schedule"), ({"dtype": "int8"}, "dtype")])
+                                           ({"optim": {"schedule": "step"}}, "optim.schedule"),
+                                           ({"dtype": "int8"}, "dtype")])
 def test_bad_flags_name_the_flag_and_value(tiny_model_dir, kwargs, flag):
     with pytest.raises(ValueError, match=flag):
+        kwargs = {k: OptimArgs(**v) if k == "optim" else v for k, v in kwargs.items()}
         module = SelfDistillModule(tiny_model_dir, **kwargs)
         module.configure_model()
 
 
 def test_on_policy_data_needs_reloading_every_epoch(tmp_path, tiny_model_dir, questions_file):
     module = SelfDistillModule(tiny_model_dir, dtype="float32")
-    data = OnPolicyDataModule(questions_file, rollout=HFRollout(max_new_tokens=4, show_progress=False))
+    data = OnPolicyDataModule(QuestionSource(questions_file), rollout=HFRollout(max_new_tokens=4, show_progress=False))
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
         trainer.fit(module, data)

@@ -5,6 +5,7 @@ information."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -14,8 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sdzero_pl.cli import main
-from sdzero_pl.phase2.distill import SelfDistillModule
 from sdzero_pl.core.models import load_tokenizer
+from sdzero_pl.core.optim import OptimArgs
+from sdzero_pl.core.prompts import CONTROL_PRESETS, encode_prompts
+from sdzero_pl.core.sequences import pad_sequences
+from sdzero_pl.data.questions import DataError, Question, QuestionSource, load_questions
+from sdzero_pl.phase2.distill import SelfDistillModule
 from sdzero_pl.phase2.onpolicy import (
     ANSWER_DEMONSTRATION,
     DEMONSTRATION_TEMPLATE,
@@ -25,11 +30,8 @@ from sdzero_pl.phase2.onpolicy import (
     shuffled_rewards,
     teacher_question,
 )
-from sdzero_pl.core.prompts import CONTROL_PRESETS, encode_prompts
-from sdzero_pl.data.questions import DataError, Question, load_questions
-from sdzero_pl.tasks import CodeReward, MathReward, RewardBatch, Verifier
 from sdzero_pl.rollout import HFRollout
-from sdzero_pl.core.sequences import pad_sequences
+from sdzero_pl.tasks import CodeReward, MathReward, RewardBatch, Verifier
 
 P_1, P_0 = CONTROL_PRESETS["paper"][1], CONTROL_PRESETS["paper"][0]
 
@@ -46,6 +48,8 @@ def solutions_file(tmp_path) -> str:
                     "solution": f"{i}+1 = {i + 1}. The answer is \\boxed{{{i + 1}}}."}) + "\n" for i in range(8)
     ))
     return str(path)
+
+QUESTION_FIELDS = {f.name for f in dataclasses.fields(QuestionSource)}
 
 
 class EveryOtherAnswer(Verifier):
@@ -69,16 +73,18 @@ class Capture(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grad_max.append(max(float(p.grad.abs().max()) for p in pl_module.student.parameters()
+        self.grad_max.append(max(float(p.grad.abs().max()) for p in pl_module.policy.parameters()
                                  if p.grad is not None))
 
 
 def _fit(tmp_path, model_dir, questions, *, epochs=1, max_steps=-1, dtype="float32", lr=1e-2, top_k=8,
          max_new_tokens=8, callbacks=(), **data_kw):
-    module = SelfDistillModule(model_dir, dtype=dtype, top_k=top_k, lr=lr, warmup_steps=0,
+    module = SelfDistillModule(model_dir, dtype=dtype, top_k=top_k, optim=OptimArgs(lr=lr),
                                export_dir=str(tmp_path / "export"))
-    data_kw = {"id_field": "id", "prompts_per_epoch": 8, "batch_size": 8, "max_teacher_len": 512, **data_kw}
-    data = OnPolicyDataModule(questions, rollout=HFRollout(max_new_tokens=max_new_tokens, show_progress=False),
+    data_kw = {"id_field": "id", "shuffle": True, "prompts_per_epoch": 8, "batch_size": 8, "max_teacher_len": 512,
+               **data_kw}
+    source = QuestionSource(questions, **{k: data_kw.pop(k) for k in list(data_kw) if k in QUESTION_FIELDS})
+    data = OnPolicyDataModule(source, rollout=HFRollout(max_new_tokens=max_new_tokens, show_progress=False),
                               **data_kw)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, max_steps=max_steps,
                         reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False,
@@ -109,25 +115,25 @@ def test_placeholders_inside_values_are_not_substituted_again():
     ({"reward_signal": "random"}, r"--data.reward_signal.*'random'"),
     ({"demonstration_template": "{question} only"}, r"--data.demonstration_template.*\{demonstration\}.*only"),
     ({"demonstration_template": "{demonstration} only"}, r"--data.demonstration_template.*\{question\}"),
-    ({"teacher_context": "demonstration"}, r"--data.teacher_context=demonstration.*--data.solution_field"),
+    ({"teacher_context": "demonstration"}, r"--data.teacher_context=demonstration.*--data.questions.solution_field"),
     ({"teacher_context": "answer", "reward_signal": "shuffled"},
      r"--data.reward_signal=shuffled.*--data.teacher_context=revision.*'answer'"),
 ])
 def test_bad_baseline_flags_name_the_flags_and_values(questions_file, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
-        OnPolicyDataModule(questions_file, **kwargs)
+        OnPolicyDataModule(QuestionSource(questions_file), **kwargs)
 
 
 def test_verifiers_thread_the_solution_field(solutions_file, tmp_path):
-    questions = MathReward().load_questions(solutions_file, id_field="id", solution_field="solution")
+    questions = MathReward().load_questions(QuestionSource(solutions_file, id_field="id", solution_field="solution"))
     assert questions[0].solution == "0+1 = 1. The answer is \\boxed{1}."
-    assert MathReward().load_questions(solutions_file, id_field="id")[0].solution is None
-    with pytest.raises(ValueError, match="--data.solution_field"):
-        CodeReward().load_questions(solutions_file, solution_field="solution")
+    assert MathReward().load_questions(QuestionSource(solutions_file, id_field="id"))[0].solution is None
+    with pytest.raises(ValueError, match="--data.questions.solution_field"):
+        CodeReward().load_questions(QuestionSource(solutions_file, solution_field="solution"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"problem": "1+1?", "answer": "2", "solution": ""}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl: row 1: field 'solution'"):
-        OnPolicyDataModule(str(bad), teacher_context="demonstration", solution_field="solution").setup("fit")
+        OnPolicyDataModule(QuestionSource(str(bad), solution_field="solution"), teacher_context="demonstration").setup("fit")
 
 
 # ------------------------------------------------------------------------------------- teacher sequences in fit
@@ -261,7 +267,7 @@ def test_sdft_makes_the_demonstrated_answers_more_likely(tmp_path, tiny_model_di
     module, _, trainer = _fit(tmp_path / "sdft", str(tmp_path / "base"), solutions_file, epochs=12, top_k=16,
                               max_new_tokens=2, instruction="", teacher_context="demonstration",
                               solution_field="solution")
-    after = answer_probability(module.student, plain, answers)
+    after = answer_probability(module.policy, plain, answers)
     assert after > 20 * before and after > 0.5 * teacher_p, (before, after, teacher_p)
     assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
     for name, param in module.teacher.named_parameters():  # the frozen teacher is the base model
@@ -269,7 +275,7 @@ def test_sdft_makes_the_demonstrated_answers_more_likely(tmp_path, tiny_model_di
 
     control, _, _ = _fit(tmp_path / "question", str(tmp_path / "base"), solutions_file, epochs=12, top_k=16,
                          max_new_tokens=2, instruction="", teacher_context="question")
-    assert answer_probability(control.student, plain, answers) < 0.1 * after  # the demonstration is what teaches
+    assert answer_probability(control.policy, plain, answers) < 0.1 * after  # the demonstration is what teaches
 
 
 @pytest.mark.parametrize("config", ["configs/tiny/sdft.yaml", "configs/tiny/sdzero_control.yaml"])
@@ -278,7 +284,7 @@ def test_tiny_baseline_configs_run_through_main_and_change_the_student(tmp_path,
     export = tmp_path / "hf_model"
     main(["fit", "--config", config, "--trainer.max_epochs=1", "--data.prompts_per_epoch=8",
           "--data.init_args.rollout.init_args.max_new_tokens=16", f"--trainer.default_root_dir={tmp_path}",
-          f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.init_args.export_dir={export}"])
+          f"--model.init_args.export_dir={export}"])
     start = dict(AutoModelForCausalLM.from_pretrained("checkpoints/tiny-random").named_parameters())
     trained = AutoModelForCausalLM.from_pretrained(export)
     assert any(not torch.equal(p, start[n]) for n, p in trained.named_parameters())

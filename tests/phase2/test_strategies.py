@@ -125,7 +125,7 @@ def test_fsdp2_pushes_gathered_shards_into_one_vllm_engine_per_rank(tmp_path):
         "--trainer.strategy.class_path=lightning.pytorch.strategies.ModelParallelStrategy",
         "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.strategy.init_args.tensor_parallel_size=1",
         "--trainer.logger.class_path=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
         "--trainer.enable_progress_bar=false", f"--model.init_args.export_dir={tmp_path / 'hf'}",
         "--data.init_args.rollout.init_args.show_progress=false",
     ]

@@ -131,7 +131,7 @@ def test_qwen_suite_takes_the_qwen_configs_and_the_control_gets_sdzero_flags(tmp
     assert control[:3] == ["fit", "--config", str(compare.CONFIGS / "qwen_sdzero_control.yaml")]
     assert f"--model.model_name_or_path={tmp_path}/seed0/srt/hf_model" in control
     assert control[-2:] == ["--trainer.max_epochs=1", "--data.seed=7"]
-    assert not any(a.startswith("--data.dataset") for a in control)  # the Qwen configs hold their own splits
+    assert not any(a.startswith("--data.questions.dataset") for a in control)  # the Qwen configs hold their own splits
     assert "--data.teacher_context=answer" in sdft_answer
     assert "--model.model_name_or_path=Qwen/Qwen3-4B-Instruct-2507" in sdft_answer
     assert evaluation[:3] == ["validate", "--config", str(compare.CONFIGS / "eval" / "qwen.yaml")]
@@ -166,8 +166,7 @@ def _init_args(name: str) -> tuple[dict, dict, dict]:
 def test_control_config_is_sdzero_but_for_the_reward_signal_and_paths():
     def strip(name: str) -> dict:
         config = yaml.safe_load((DEMO / f"{name}.yaml").read_text())
-        del config["trainer"]["default_root_dir"], config["trainer"]["logger"]["init_args"]["save_dir"]
-        del config["model"]["init_args"]["export_dir"]
+        del config["trainer"]["default_root_dir"]  # the logger and the export follow it
         config["data"]["init_args"].pop("reward_signal", None)
         return config
 
@@ -180,19 +179,20 @@ def test_sdft_configs_use_sdzero_phase2_settings():
     for name, context in (("sdft", "demonstration"), ("sdft_answer", "answer")):
         _, model, data = _init_args(name)
         assert data["teacher_context"] == context
-        for key in ("lr", "top_k", "divergence"):
+        assert model["optim"]["lr"] == sdzero["optim"]["lr"], name
+        for key in ("top_k", "divergence"):
             assert model[key] == sdzero[key], (name, key)
         for key in ("prompts_per_epoch", "batch_size"):
             assert data[key] == sdzero_data[key], (name, key)
-    assert _init_args("sdft")[2]["solution_field"] == "solution"
+    assert _init_args("sdft")[2]["questions"]["solution_field"] == "solution"
 
 
 def test_baselines_roughly_match_sdzero_generation_budget():
     srt_trainer, _, srt = _init_args("srt")
     sdzero_trainer, _, sdzero = _init_args("sdzero")
-    reference = (srt["num_questions"] * srt["inits_per_question"] * (1 + srt["revisions_per_init"])
+    reference = (srt["questions"]["num_questions"] * srt["inits_per_question"] * (1 + srt["revisions_per_init"])
                  + sdzero_trainer["max_epochs"] * sdzero["prompts_per_epoch"])
-    budgets = {"rft": lambda t, d: d["num_questions"] * d["samples_per_question"],
+    budgets = {"rft": lambda t, d: d["questions"]["num_questions"] * d["samples_per_question"],
                "grpo": lambda t, d: t["max_epochs"] * d["prompts_per_epoch"] * d["group_size"],
                "sdft": lambda t, d: t["max_epochs"] * d["prompts_per_epoch"],
                "sdft_answer": lambda t, d: t["max_epochs"] * d["prompts_per_epoch"]}
@@ -200,11 +200,11 @@ def test_baselines_roughly_match_sdzero_generation_budget():
         trainer, _, data = _init_args(name)
         assert 0.8 <= budget(trainer, data) / reference <= 1.25, (name, budget(trainer, data), reference)
     pool = demo.SPLIT_SIZES["phase1"] + demo.SPLIT_SIZES["phase2"]
-    assert _init_args("rft")[2]["num_questions"] <= pool and _init_args("grpo")[2]["num_questions"] <= pool
+    assert all(_init_args(name)[2]["questions"]["num_questions"] <= pool for name in ("rft", "grpo"))
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-SHORT = ["--srt-arg=--data.num_questions=8", "--srt-arg=--data.questions_per_chunk=8", "--srt-arg=--data.min_traces=0",
+SHORT = ["--srt-arg=--data.questions.num_questions=8", "--srt-arg=--data.questions_per_chunk=8", "--srt-arg=--data.min_traces=0",
          "--srt-arg=--trainer.max_epochs=1", "--srt-arg=--trainer.enable_progress_bar=false",
          "--sdzero-arg=--trainer.max_epochs=2", "--sdzero-arg=--data.prompts_per_epoch=8",
          "--sdzero-arg=--data.batch_size=8", "--sdzero-arg=--trainer.enable_progress_bar=false",
@@ -218,7 +218,7 @@ def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp
     argv = ["--out", str(tmp_path), "--base", str(SHIPPED), "--seeds", "0", "1", "--k", "2",
             "--methods", "base", "rft", "srt", "sdzero", *SHORT]
     # RFT broken (0 questions): named with its log; every other step finishes, and no table is written
-    assert compare.main([*argv, "--rft-arg=--data.num_questions=0"]) == 1
+    assert compare.main([*argv, "--rft-arg=--data.questions.num_questions=0"]) == 1
     out = capsys.readouterr().out
     assert f"seed 0 rft train failed: see {tmp_path}/seed0/rft.log" in out
     assert "seed 1 rft eval not run: rft failed" in out
@@ -226,7 +226,7 @@ def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp
     assert not (tmp_path / "comparison.md").exists() and (tmp_path / "seed1" / "sdzero" / "hf_model").is_dir()
 
     # fixed: only RFT's steps run again
-    assert compare.main([*argv, "--rft-arg=--data.num_questions=4"]) == 0
+    assert compare.main([*argv, "--rft-arg=--data.questions.num_questions=4"]) == 0
     out = capsys.readouterr().out
     assert "14 steps, 10 finished before (reused), 4 to run" in out and out.count("rft train: done in") == 2
     table = (tmp_path / "comparison.md").read_text()
@@ -254,7 +254,7 @@ def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp
     # everything finished: a third run trains and evaluates nothing and gives the same table
     monkeypatch.setattr(compare, "cli", lambda *a, **k: pytest.fail("a finished step was run again"))
     monkeypatch.setattr(demo, "cli", lambda *a, **k: pytest.fail("a finished step was run again"))
-    assert compare.main([*argv, "--rft-arg=--data.num_questions=4"]) == 0
+    assert compare.main([*argv, "--rft-arg=--data.questions.num_questions=4"]) == 0
     assert (tmp_path / "comparison.md").read_text() == table
 
 

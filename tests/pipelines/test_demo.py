@@ -36,7 +36,7 @@ def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "SPLIT_SIZES", {"phase1": 8, "phase2": 16, "heldout": 8})
     args = demo.build_parser().parse_args([
         "--out", str(tmp_path), "--base", str(SHIPPED), "--k", "2",
-        "--phase1-arg=--data.num_questions=8", "--phase1-arg=--data.questions_per_chunk=8",
+        "--phase1-arg=--data.questions.num_questions=8", "--phase1-arg=--data.questions_per_chunk=8",
         "--phase1-arg=--data.min_traces=0", "--phase1-arg=--trainer.max_epochs=1",
         "--phase1-arg=--trainer.enable_progress_bar=false",
         "--phase2-arg=--trainer.max_epochs=2", "--phase2-arg=--data.prompts_per_epoch=8",

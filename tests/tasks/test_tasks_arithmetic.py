@@ -12,10 +12,10 @@ from sdzero_pl.tasks import MathReward, extract_last_boxed
 from sdzero_pl.tasks.arithmetic import (
     FEEDBACK_PHRASES,
     RETRY_PHRASES,
-    ArithmeticReward,
-    feedback_retry_example,
     SPLITS,
+    ArithmeticReward,
     TaskSettings,
+    feedback_retry_example,
     generate_split,
     main,
     parse_steps,

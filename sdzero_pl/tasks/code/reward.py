@@ -28,8 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
+from sdzero_pl.data.questions import Question, QuestionSource
 from sdzero_pl.tasks.base import RewardBatch, Verifier
 from sdzero_pl.tasks.code import sandbox as sb
+from sdzero_pl.tasks.code.data import load_code_questions
 
 LANGUAGES = {"python": "python", "py": "python", "python3": "python", "cpp": "cpp", "c++": "cpp", "": "python"}
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([^\s`]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -82,6 +84,8 @@ class Program:
 
 class CodeReward(Verifier):
     """Binary code reward: the last fenced program of the completion passes all tests, each in a fresh sandbox."""
+
+    fields = ("prompt", "examples", "id")  # codeforces-cots columns
 
     def __init__(
         self,
@@ -168,26 +172,16 @@ class CodeReward(Verifier):
             self._verify_in_worker([])
         return self._protections
 
-    def load_questions(
-        self,
-        source: str,
-        config: str | None = None,
-        split: str = "train",
-        question_field: str = "prompt",
-        answer_field: str = "examples",
-        id_field: str | None = "id",
-        solution_field: str | None = None,
-    ) -> list:
-        """Code questions: ``answer_field`` holds the stdin/stdout tests (codeforces-cots ``examples``,
-        LiveCodeBench ``public_test_cases``); see :func:`sdzero_pl.tasks.code.data.load_code_questions`.
-        Reference solutions (``solution_field``) are not read for code questions yet."""
-        from sdzero_pl.tasks.code.data import load_code_questions
-
-        if solution_field is not None:
-            raise ValueError(f"`--data.solution_field` is not supported with CodeReward yet, got {solution_field!r}")
-
-        return load_code_questions(source, split=split, config=config, prompt_field=question_field,
-                                   tests_field=answer_field, id_field=id_field)
+    def load_questions(self, source: QuestionSource) -> list[Question]:
+        """Code questions: the answer column holds the stdin/stdout tests (codeforces-cots ``examples``,
+        LiveCodeBench ``public_test_cases``); see :func:`sdzero_pl.tasks.code.data.load_code_questions`. Reference
+        solutions (``solution_field``) are not read for code questions."""
+        if source.solution_field is not None:
+            raise ValueError("`--data.questions.solution_field` is not supported with CodeReward, got "
+                             f"{source.solution_field!r}")
+        question, answer, id_ = self.columns(source)
+        return load_code_questions(source.dataset, split=source.split, config=source.dataset_config,
+                                   prompt_field=question, tests_field=answer, id_field=id_)
 
     def __call__(
         self, completions: Sequence[str], answers: Sequence[Any], languages: Sequence[str | None] | None = None

@@ -1,0 +1,53 @@
+"""Micro-batches and optimizer steps, shared by every data module that trains (SPEC "Pitfalls": the token mean).
+
+An optimizer step's loss is the token mean over ALL its micro-batches on ALL ranks, so each micro-batch carries the
+valid-token count of its whole step (``global_tokens``; see :func:`sdzero_pl.core.losses.normalised_sum`). The
+helpers here cut a rank's examples into micro-batches and steps and count those tokens across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence, TypeVar
+
+import torch
+from torch.utils.data import IterableDataset
+
+T = TypeVar("T")
+
+
+class CollatedBatches(IterableDataset):
+    """Pre-collated micro-batches. Iterable, so Lightning does not shard it again with a DistributedSampler."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def chunks(items: Sequence[T], size: int) -> list[list[T]]:
+    """Consecutive groups of ``size`` items (the last may be shorter)."""
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def split_steps(items: Sequence[T], batch_size: int, accumulate: int) -> list[list[list[T]]]:
+    """``items`` cut into micro-batches of ``batch_size``, grouped into optimizer steps of ``accumulate``
+    micro-batches (the last of each may be shorter)."""
+    return chunks(chunks(items, batch_size), accumulate)
+
+
+def step_totals(strategy, counts: Sequence) -> list:
+    """Per-step token counts summed over all ranks (a collective: every rank calls it with the same number of
+    steps). ``counts``: one int, or one tuple of ints, per step."""
+    local = torch.tensor(counts, dtype=torch.long)
+    return strategy.reduce(local.to(strategy.root_device), reduce_op="sum").cpu().tolist()
+
+
+def require_reload_every_epoch(trainer, what: str) -> None:
+    """Data modules that build new batches every epoch need Lightning to ask for the dataloader every epoch."""
+    if trainer.reload_dataloaders_every_n_epochs != 1:
+        raise ValueError(f"{what} every epoch: set `--trainer.reload_dataloaders_every_n_epochs=1`, got "
+                         f"{trainer.reload_dataloaders_every_n_epochs}")
