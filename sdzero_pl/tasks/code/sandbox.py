@@ -378,6 +378,7 @@ def _preexec(prot: Protections, limits: Limits, nproc: int, uid: int | None, ali
         (resource.RLIMIT_AS, (limits.memory_mb << 20,) * 2),
     ]
     cwd = SCRATCH if prot.private_scratch else None
+    id_maps = _id_maps(os.geteuid(), os.getegid()) if prot.user_namespace else ()
 
     def enter_program() -> None:
         if cwd is not None:
@@ -393,6 +394,8 @@ def _preexec(prot: Protections, limits: Limits, nproc: int, uid: int | None, ali
         if not flags:
             return enter_program()
         _check(_LIBC.unshare(flags), "unshare")
+        for path, data in id_maps:
+            _write_proc(path, data)
         if prot.private_scratch:
             _check(_LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
             opts = scratch_opts.encode()
@@ -415,6 +418,23 @@ def _preexec(prot: Protections, limits: Limits, nproc: int, uid: int | None, ali
         enter_program()
 
     return preexec
+
+
+def _id_maps(uid: int, gid: int) -> tuple[tuple[str, bytes], ...]:
+    """Map our own uid and gid into the new user namespace (the only mapping an unprivileged process may write).
+
+    Unmapped, the run's uid is the overflow id there, and the kernel refuses to create any file on a filesystem
+    mounted inside the namespace (the private scratch): EOVERFLOW, which broke every compilation."""
+    return (("/proc/self/setgroups", b"deny"), ("/proc/self/uid_map", f"{uid} {uid} 1".encode()),
+            ("/proc/self/gid_map", f"{gid} {gid} 1".encode()))
+
+
+def _write_proc(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _launcher(init: int) -> None:
