@@ -69,6 +69,20 @@ def default_hidden_paths(cwd: str | None = None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(os.path.normpath(p) for p in paths if os.path.isabs(p) and os.path.normpath(p) != "/"))
 
 
+def interpreter_prefixes(prefix: str) -> tuple[str, ...]:
+    """What a Python at ``prefix`` reads from: the prefix itself and, for a venv made with ``--copies`` (a real
+    binary with a ``pyvenv.cfg``), the base installation its ``home`` names, where the standard library lives."""
+    config = os.path.join(prefix, "pyvenv.cfg")
+    if not os.path.isfile(config):
+        return (prefix,)
+    with open(config) as handle:
+        for line in handle:
+            key, _, value = line.partition("=")
+            if key.strip() == "home" and value.strip():
+                return (prefix, os.path.dirname(os.path.realpath(value.strip())))
+    return (prefix,)
+
+
 def check_hide_paths(paths: Sequence[str], flag: str = "`hide_paths`") -> tuple[str, ...]:
     """Absolute, normalised paths (``~`` expanded); never ``/``."""
     checked = []

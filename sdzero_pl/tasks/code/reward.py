@@ -413,7 +413,8 @@ class _WorkerDied(RuntimeError):
 
 
 class _Worker:
-    """The verifier process: receives (CodeReward, programs), answers (kind, outcomes or error, protections)."""
+    """The verifier process: receives (CodeReward, programs), answers (kind, outcomes or error message, protections,
+    the start-up check's failures)."""
 
     def __init__(self) -> None:
         self.warned = False  # the start-up check's failures were logged (on_probe_failure: warn)

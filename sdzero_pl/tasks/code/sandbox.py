@@ -4,10 +4,11 @@ Every run is a fresh process tree in its own session with resource limits (CPU, 
 open files, no core dumps), a scrubbed environment, stdin from a file, and stdout read with a cap. Where the OS
 allows, more holds (see :class:`Protections` and docs/code_verifier.md):
 
-- namespaces (root, or a user namespace when not root): each run gets new mount, network, IPC and PID namespaces.
+- namespaces (root, or a user namespace when not root, with our own uid and gid mapped into it): each run gets new
+  mount, network, IPC and PID namespaces.
   No network (only a loopback that is down); the program cannot see or signal any process outside its run, and
   everything it starts dies with it (the PID namespace's init is killed). Runs as ``launcher -> init -> program``:
-  the launcher stays in the host namespace to report the exit status and to kill ``init`` on SIGTERM.
+  the launcher stays in the host's PID namespace to report the exit status and to kill ``init`` on SIGTERM.
 - private scratch: a size-capped tmpfs over /tmp, /var/tmp, /dev/shm and /run/lock, which is also the program's
   cwd; files written there vanish with the run and cannot fill the disk or RAM past ``scratch_mb``.
 - private /proc: a /proc that lists only the run's own processes.
@@ -135,7 +136,8 @@ class SandboxRuntime:
         self._python_rel = os.path.relpath(real, self.python_prefix)
         self.scratch_aliases = tuple(p for p in _SCRATCH_ALIASES if os.path.isdir(p))
         self.hide_paths = tuple(dict.fromkeys(mounts.default_hidden_paths() + mounts.check_hide_paths(hide_paths)))
-        self.keep_paths = tuple(dict.fromkeys([self.python_prefix, *(os.path.realpath(p) for p in keep_paths)]))
+        keeps = [*mounts.interpreter_prefixes(self.python_prefix), *(os.path.realpath(p) for p in keep_paths)]
+        self.keep_paths = tuple(dict.fromkeys(keeps))
         mounts.check_keeps(self.keep_paths, self.hide_paths)
         self.protections = Protections(False, False, False, False, False)
         self.protections = _probe(self)
