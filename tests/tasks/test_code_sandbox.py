@@ -336,3 +336,20 @@ def test_a_copied_venv_keeps_its_base_installation_visible(tmp_path):
     (venv / "pyvenv.cfg").write_text(f"home = {base / 'bin'}\ninclude-system-site-packages = false\n")
     assert interpreter_prefixes(str(venv)) == (str(venv), str(base))
     assert interpreter_prefixes(str(base)) == (str(base),)  # no pyvenv.cfg: the installation itself
+
+
+def test_mount_plan_binds_a_keep_path_back_under_its_outermost_hidden_directory(tmp_path):
+    from sdzero_pl.tasks.code.mounts import plan
+
+    home = tmp_path / "home"
+    (home / "user" / "py" / "secret").mkdir(parents=True)
+    (home / "user" / "token").write_text("x")
+    keep = str(home / "user" / "py")
+    hide = [str(home), str(home / "user"), str(home / "user" / "token"), str(home / "user" / "py" / "secret"),
+            str(tmp_path / "missing")]
+    layout = plan("/nonexistent-scratch", "size=1m", (), True, hide, [keep, "/usr"], [], [])
+    # nested paths are covered by the outer tmpfs already, except one inside the bound-back keep path
+    assert layout.hidden == ((str(home), True), (str(home / "user" / "py" / "secret"), True))
+    assert layout.keeps == ((keep, str(home)),)
+    under_scratch = plan(str(tmp_path), "size=1m", (), True, hide, [keep], [], [])
+    assert under_scratch.hidden == () and under_scratch.keeps == ((keep, str(tmp_path)),)

@@ -120,16 +120,18 @@ def plan(
     keeps: Sequence[str], binds: Sequence[tuple[int, str, bool]], reopen: Sequence[tuple[int, str]],
 ) -> Layout:
     """The layout for one run: hidden paths that exist NOW (so a ``runs/`` made after the start is hidden too),
-    resolved; those already under the scratch are private anyway. A keep path is bound back under its deepest
-    covering mount."""
+    resolved; those already under the scratch or under another hidden directory are hidden anyway, unless they lie
+    inside a path that is bound back. A keep path is bound back under its deepest covering mount."""
     covered = [scratch, *aliases]
-    hidden: dict[str, bool] = {}
+    found: dict[str, bool] = {}
     for path in hide:
         real = os.path.realpath(path)
         if real == "/" or any(real == c or inside(real, c) for c in covered):
             continue
         if os.path.lexists(real):  # one our uid cannot even stat is closed to the program as well
-            hidden[real] = os.path.isdir(real)
+            found[real] = os.path.isdir(real)
+    hidden = {path: is_dir for path, is_dir in found.items()
+              if not any(inside(path, other) for other, d in found.items() if d) or any(inside(path, k) for k in keeps)}
     ordered = tuple(sorted(hidden.items(), key=lambda item: item[0].count("/")))
     covers = covered + [p for p, is_dir in ordered if is_dir]
     placed = []
