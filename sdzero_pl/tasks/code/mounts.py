@@ -37,7 +37,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE = 1024, 2048, 4096, 16384, 1 << 18
 MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
 MNT_DETACH = 2
-_SYS_MOUNT_SETATTR = 442  # the same number on every architecture (added after the 5.1 syscall unification)
+_SYS_MOUNT_SETATTR = 442  # one number on every architecture but alpha (new syscalls share numbers since 5.1)
 _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 1
 # statvfs f_flag bits -> the mount(2) flags that keep a mount's (possibly locked) options on a bind remount
 _ST_TO_MS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
