@@ -110,3 +110,51 @@ def test_constructor_rejects_bad_limits():
         CodeReward(num_workers=0)
     with pytest.raises(ValueError, match="`memory_mb` must be > 0, got -1"):
         CodeReward(memory_mb=-1)
+
+
+def broken_compiler(tmp_path: Path) -> str:
+    """A "compiler" that fails the way a broken toolchain does (as the EOVERFLOW one did, issue #18)."""
+    path = tmp_path / "toolchain" / "bin" / "g++"
+    path.parent.mkdir(parents=True)
+    path.write_text("#!/bin/sh\necho 'Cannot create temporary file in /tmp/: broken toolchain' >&2\nexit 1\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_start_up_check_refuses_to_verify_when_correct_cpp_fails(tmp_path):
+    verifier = CodeReward(time_limit_s=1.0, memory_mb=256, num_workers=2, cpp_compiler=broken_compiler(tmp_path))
+    try:
+        with pytest.raises(RuntimeError, match=r"C\+\+: compile error \(exit\): Cannot create temporary file") as err:
+            verifier(["```python\nprint(1)\n```"], [[{"input": "", "output": "1"}]])
+        assert "Python" not in str(err.value) and "on_probe_failure: warn" in str(err.value)
+        with pytest.raises(RuntimeError, match="broken toolchain"):  # every later call too, protections included
+            verifier.protections
+    finally:
+        verifier.close()
+
+
+def test_start_up_check_warns_once_and_verifies_with_on_probe_failure_warn(tmp_path, caplog):
+    verifier = CodeReward(time_limit_s=1.0, memory_mb=256, num_workers=2, cpp_compiler=broken_compiler(tmp_path),
+                          on_probe_failure="warn")
+    try:
+        with caplog.at_level("WARNING", logger="sdzero_pl.tasks.code.reward"):
+            result = verifier([CPP_ADD, "```python\na, b = map(int, input().split())\nprint(a + b)\n```"], [ADD] * 2)
+            verifier(["```python\nprint(1)\n```"], [[{"input": "", "output": "1"}]])
+        assert result.rewards == [0.0, 1.0]
+        warnings = [r.getMessage() for r in caplog.records if "start-up check" in r.getMessage()]
+        assert len(warnings) == 1 and "C++: compile error" in warnings[0] and "broken toolchain" in warnings[0]
+    finally:
+        verifier.close()
+
+
+def test_start_up_check_passes_here(reward):
+    assert reward.probe_failures() == []  # a correct C++ and Python program pass on this host
+
+
+def test_constructor_rejects_bad_probe_and_hide_settings():
+    with pytest.raises(ValueError, match="`on_probe_failure` must be 'error' or 'warn', got 'ignore'"):
+        CodeReward(on_probe_failure="ignore")
+    with pytest.raises(ValueError, match="`hide_paths` entries must be absolute paths, got 'runs'"):
+        CodeReward(hide_paths=["runs"])
+    with pytest.raises(ValueError, match="cannot hide the root directory"):
+        CodeReward(hide_paths=["/"])

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -282,3 +283,73 @@ def test_a_non_root_user_still_gets_a_working_sandbox():
     lines = [line.rstrip() for line in proc.stdout.splitlines()]
     assert "uid_switch" not in lines[0]
     assert lines[1:] == ["ok cba", "timeout"]
+
+
+@pytest.fixture
+def outside_tmp():
+    """A world-writable directory outside /tmp (the private scratch covers /tmp anyway); removed afterwards."""
+    parent = next((p for p in ("/home", "/var/lib", "/opt") if os.path.isdir(p) and os.access(p, os.W_OK)), None)
+    if parent is None:
+        pytest.skip("no writable directory outside /tmp (/home, /var/lib, /opt)")
+    path = Path(tempfile.mkdtemp(prefix="sdzero-test-", dir=parent))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_hidden_paths_and_a_read_only_host_hold_for_world_readable_files(outside_tmp):
+    if not IS_ROOT:
+        pytest.skip("the non-root case is tests/tasks/test_code_sandbox_user.py")
+    hidden, open_dir = outside_tmp / "hidden", outside_tmp / "open"
+    for directory in (hidden, open_dir):
+        directory.mkdir(mode=0o777)
+        directory.chmod(0o777)
+        (directory / "note.txt").write_text("world-readable\n")
+        (directory / "note.txt").chmod(0o666)
+    rt = SandboxRuntime(UID_BASE, UID_COUNT, hide_paths=[str(hidden)])
+    if not (rt.protections.hidden_paths and rt.protections.read_only_host):
+        pytest.skip(f"this host allows less: {rt.protections.summary()}")
+    out = run_here(rt, f"""
+        import errno
+        for path in ({str(hidden / 'note.txt')!r}, {str(open_dir / 'note.txt')!r}):
+            try:
+                print(open(path).read().strip())
+            except OSError as err:
+                print(errno.errorcode[err.errno])
+        for path in ({str(open_dir / 'note.txt')!r}, {str(open_dir / 'planted')!r}):
+            try:
+                open(path, "a").write("x")
+                print("written")
+            except OSError as err:
+                print(errno.errorcode[err.errno])
+    """)
+    assert out.decode().split() == ["ENOENT", "world-readable", "EROFS", "EROFS"]
+    assert (open_dir / "note.txt").read_text() == "world-readable\n" and not (open_dir / "planted").exists()
+
+
+def test_a_copied_venv_keeps_its_base_installation_visible(tmp_path):
+    from sdzero_pl.tasks.code.mounts import interpreter_prefixes
+
+    base, venv = tmp_path / "base", tmp_path / "venv"
+    (base / "bin").mkdir(parents=True)
+    venv.mkdir()
+    (venv / "pyvenv.cfg").write_text(f"home = {base / 'bin'}\ninclude-system-site-packages = false\n")
+    assert interpreter_prefixes(str(venv)) == (str(venv), str(base))
+    assert interpreter_prefixes(str(base)) == (str(base),)  # no pyvenv.cfg: the installation itself
+
+
+def test_mount_plan_binds_a_keep_path_back_under_its_outermost_hidden_directory(tmp_path):
+    from sdzero_pl.tasks.code.mounts import plan
+
+    home = tmp_path / "home"
+    (home / "user" / "py" / "secret").mkdir(parents=True)
+    (home / "user" / "token").write_text("x")
+    keep = str(home / "user" / "py")
+    hide = [str(home), str(home / "user"), str(home / "user" / "token"), str(home / "user" / "py" / "secret"),
+            str(tmp_path / "missing")]
+    layout = plan("/nonexistent-scratch", "size=1m", (), True, hide, [keep, "/usr"], [], [])
+    # nested paths are covered by the outer tmpfs already, except one inside the bound-back keep path
+    assert layout.hidden == ((str(home), True), (str(home / "user" / "py" / "secret"), True))
+    assert layout.keeps == ((keep, str(home)),)
+    under_scratch = plan(str(tmp_path), "size=1m", (), True, hide, [keep], [], [])
+    assert under_scratch.hidden == () and under_scratch.keeps == ((keep, str(tmp_path)),)

@@ -12,18 +12,20 @@ Deviation from a judge: no special checkers, so problems that accept several out
 
 Verification runs in ONE small worker process (spawned, started lazily, replaced if it dies) that drives up to
 ``num_workers`` programs at once from threads. So no sandboxed program is ever a child of the training process,
-and forks come from a small process instead of a large one holding CUDA state.
+and forks come from a small process instead of a large one holding CUDA state. When it starts, that process checks
+that a correct C++ and a correct Python program pass (``on_probe_failure``): a host where one language cannot run
+would otherwise give every program in it reward 0, silently.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import multiprocessing as mp
+import os
 import re
 import shutil
 import threading
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -32,10 +34,19 @@ from sdzero_pl.data.questions import Question, QuestionSource
 from sdzero_pl.tasks.base import RewardBatch, Verifier
 from sdzero_pl.tasks.code import sandbox as sb
 from sdzero_pl.tasks.code.data import load_code_questions
+from sdzero_pl.tasks.code.mounts import check_hide_paths
+from sdzero_pl.tasks.code.worker import VerifierProcess, VerifierProcessDied, probe_message
+
+logger = logging.getLogger(__name__)
 
 LANGUAGES = {"python": "python", "py": "python", "python3": "python", "cpp": "cpp", "c++": "cpp", "": "python"}
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([^\s`]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.MULTILINE | re.DOTALL)
 _TIMEOUT_STATUSES = ("timeout", "program_timeout")
+_PROBE_TESTS = (("2 3\n", "5\n"), ("-7 10\n", "3\n"))
+_PROBE = {  # correct A+B programs: the start-up check of the verifier process
+    "C++": ("cpp", '#include <iostream>\nint main() { long long a, b; std::cin >> a >> b; std::cout << a + b; }'),
+    "Python": ("python", "a, b = map(int, input().split())\nprint(a + b)\n"),
+}
 
 
 def strip_thinking(text: str) -> str:
@@ -104,6 +115,8 @@ class CodeReward(Verifier):
         python_executable: str | None = None,
         uid_base: int = 62000,
         uid_count: int = 512,
+        hide_paths: Sequence[str] = (),
+        on_probe_failure: str = "error",
     ) -> None:
         """
         Args:
@@ -117,12 +130,23 @@ class CodeReward(Verifier):
             scratch_mb: size of the private tmpfs that is the program's cwd and /tmp (where the OS allows it).
             max_processes: processes and threads a program may have (RLIMIT_NPROC, per sandbox uid as root).
             compile_memory_mb: address-space limit of the compiler, MiB.
-            cpp_compiler: C++ compiler command, found on PATH.
+            cpp_compiler: C++ compiler command, found on this process's PATH (or an absolute path); its prefix
+                (the directory above its ``bin/``) stays readable to programs even under a hidden path.
             cpp_flags: compiler flags (paper: ``-O2 -std=c++17``).
             python_executable: interpreter for Python programs (default: the one running this code); programs
-                see its standard library only.
+                see its standard library only. Its prefix stays readable to programs even under a hidden path.
             uid_base: first uid of the pool sandboxed programs run under (root only; unused uids, no login).
             uid_count: size of that pool: the most sandboxes that can run at once on this host.
+            hide_paths: more files or directories programs must not see (absolute, ``~`` expanded), on top of
+                the defaults: your home with its caches, /root, /run/user, the directories that $XDG_*_HOME,
+                $HF_HOME, $HF_HUB_CACHE, $HF_DATASETS_CACHE, $HF_TOKEN_PATH, $TRANSFORMERS_CACHE, $TORCH_HOME,
+                $TRITON_CACHE_DIR, $PIP_CACHE_DIR and $WANDB_DIR name, and ``runs/`` and ``lightning_logs/``
+                under the working directory. Add the trainer's ``default_root_dir`` if it is elsewhere. Each is
+                covered by an empty read-only tmpfs (a file: by an empty file) in the program's mount namespace,
+                when the host allows one (see ``protections``: ``hidden_paths``); paths are checked before each run.
+            on_probe_failure: what happens when the verifier process's start-up check (a correct C++ and a correct
+                Python program must pass) fails: ``"error"`` refuses to verify (every call raises, naming the
+                language and the error), ``"warn"`` logs that once and verifies anyway (that language then scores 0).
         """
         for name, value in (("time_limit_s", time_limit_s), ("compile_timeout_s", compile_timeout_s),
                             ("program_timeout_s", program_timeout_s), ("compile_memory_mb", compile_memory_mb)):
@@ -130,6 +154,10 @@ class CodeReward(Verifier):
                 raise ValueError(f"`{name}` must be > 0, got {value}")
         if num_workers < 1:
             raise ValueError(f"`num_workers` must be >= 1, got {num_workers}")
+        if on_probe_failure not in ("error", "warn"):
+            raise ValueError(f"`on_probe_failure` must be 'error' or 'warn', got {on_probe_failure!r}")
+        self.hide_paths = check_hide_paths(hide_paths)
+        self.on_probe_failure = on_probe_failure
         self.limits = sb.Limits(time_limit_s, memory_mb, file_size_mb, scratch_mb, max_output_bytes, max_processes)
         self.num_workers = num_workers
         self.compile_timeout_s = compile_timeout_s
@@ -139,7 +167,7 @@ class CodeReward(Verifier):
         self.cpp_flags = tuple(cpp_flags)
         self.python_executable = python_executable
         self.uid_base, self.uid_count = uid_base, uid_count
-        self._worker: _Worker | None = None
+        self._worker: VerifierProcess | None = None
         self._protections: sb.Protections | None = None
         self._lock = threading.Lock()  # one batch at a time through the verifier process's pipe
 
@@ -216,13 +244,33 @@ class CodeReward(Verifier):
 
     # ------------------------------------------------------------------------------------ in the verifier process
 
+    def runtime(self) -> sb.SandboxRuntime:
+        """This process's sandbox for these settings (the compiler's prefix is kept visible)."""
+        compiler = shutil.which(self.cpp_compiler)
+        keeps = () if compiler is None else tuple(dict.fromkeys(
+            os.path.dirname(os.path.dirname(p)) for p in (os.path.abspath(compiler), os.path.realpath(compiler))))
+        return sb.runtime(self.uid_base, self.uid_count, self.python_executable, self.hide_paths, keeps)
+
     def verify_programs(self, programs: Sequence[Program]) -> list[Outcome]:
         """Verify in THIS process (the verifier worker calls it; tests may too), ``num_workers`` at a time."""
-        rt = sb.runtime(self.uid_base, self.uid_count, self.python_executable)
+        rt = self.runtime()
         if any(p.language == "cpp" for p in programs) and shutil.which(self.cpp_compiler) is None:
             raise RuntimeError(f"C++ compiler {self.cpp_compiler!r} not found on PATH (set `cpp_compiler`)")
         with ThreadPoolExecutor(self.num_workers) as pool:
             return list(pool.map(lambda p: self.verify_program(rt, p), programs))
+
+    def probe_failures(self) -> list[str]:
+        """The start-up check: ``"<language>: <error>"`` for each correct A+B program that does not pass here."""
+        programs = {name: Program(language, source, _PROBE_TESTS) for name, (language, source) in _PROBE.items()}
+        failures = []
+        if shutil.which(self.cpp_compiler) is None:
+            failures.append(f"C++: compiler {self.cpp_compiler!r} not found on PATH (set `cpp_compiler`)")
+            del programs["C++"]
+        outcomes = self.verify_programs(list(programs.values()))
+        for name, outcome in zip(programs, outcomes):
+            if outcome.reward != 1.0:
+                failures.append(f"{name}: {outcome.detail or outcome.status}")
+        return failures
 
     def verify_program(self, rt: sb.SandboxRuntime, program: Program) -> Outcome:
         deadline = time.monotonic() + self.program_timeout_s
@@ -250,7 +298,8 @@ class CodeReward(Verifier):
     def _compile(self, box: sb.Sandbox, source: str, deadline: float) -> str | Outcome:
         """Path of the compiled program inside the sandbox, or the compile error."""
         src = box.add_file("main.cpp", source.encode("utf-8"))
-        argv = [self.cpp_compiler, *self.cpp_flags, src, "-o", "{export_dir}/main"]
+        # by its path here: the sandbox's PATH is the system's only
+        argv = [os.path.abspath(shutil.which(self.cpp_compiler)), *self.cpp_flags, src, "-o", "{export_dir}/main"]
         limits = replace(
             self.limits,
             time_limit_s=max(min(self.compile_timeout_s, deadline - time.monotonic()), 0.001),
@@ -280,31 +329,36 @@ class CodeReward(Verifier):
     def _verify_in_worker_locked(self, programs: list[Program]) -> list[Outcome]:
         try:
             return self._call_worker(programs)
-        except _WorkerDied:
+        except VerifierProcessDied:
             # Only a program that can signal its parent (no uid switch, no PID namespace) gets here: find it alone.
             outcomes = []
             for program in programs:
                 try:
                     outcomes.extend(self._call_worker([program]))
-                except _WorkerDied:
+                except VerifierProcessDied:
                     outcomes.append(Outcome(0.0, "runtime_error", "the program killed the verifier process"))
             return outcomes
 
     def _call_worker(self, programs: list[Program]) -> list[Outcome]:
         if self._worker is None:
-            self._worker = _Worker()
+            self._worker = VerifierProcess()
         rounds = math.ceil(len(programs) / self.num_workers)
         budget = 120.0 + rounds * (self.program_timeout_s + 10.0)
         try:
-            kind, payload, protections = self._worker.call((self, programs), budget)
-        except _WorkerDied:
+            kind, payload, protections, failures = self._worker.call((self, programs), budget)
+        except VerifierProcessDied:
             self.close()
             raise
         except TimeoutError:
             self.close()
             raise TimeoutError(f"the code verifier process gave no answer within {budget:g}s") from None
+        if kind == "refused":
+            raise RuntimeError(payload)
         if kind == "error":
             raise RuntimeError(f"the code verifier process failed: {payload}")
+        if failures and not self._worker.warned:
+            logger.warning(probe_message(failures, "verifying anyway (on_probe_failure: warn)"))
+            self._worker.warned = True
         self._protections = protections
         return payload
 
@@ -340,49 +394,3 @@ def _failure(result: sb.RunResult, k: int, limits: sb.Limits) -> Outcome | None:
     if result.status == "exit":
         return Outcome(0.0, "runtime_error", f"test {k}: exit status {result.returncode}")
     return None
-
-
-class _WorkerDied(RuntimeError):
-    pass
-
-
-class _Worker:
-    """The verifier process: receives (CodeReward, programs), answers (kind, outcomes or error, protections)."""
-
-    def __init__(self) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child_conn,), daemon=True, name="code-verifier")
-        self.process.start()
-        child_conn.close()
-
-    def call(self, message: Any, timeout: float) -> Any:
-        try:
-            self.conn.send(message)
-            answered = self.conn.poll(timeout)
-            message = self.conn.recv() if answered else None
-        except (EOFError, OSError):
-            raise _WorkerDied("the code verifier process died") from None
-        if not answered:
-            raise TimeoutError
-        return message
-
-    def close(self) -> None:
-        self.conn.close()
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join()
-
-
-def _worker_main(conn: Any) -> None:
-    while True:
-        try:
-            reward, programs = conn.recv()
-        except EOFError:
-            return
-        try:
-            outcomes = reward.verify_programs(programs)
-            rt = sb.runtime(reward.uid_base, reward.uid_count, reward.python_executable)
-            conn.send(("ok", outcomes, rt.protections))
-        except Exception as err:  # sent back and raised there: the caller sees what broke
-            conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}", None))

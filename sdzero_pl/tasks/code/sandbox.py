@@ -4,19 +4,25 @@ Every run is a fresh process tree in its own session with resource limits (CPU, 
 open files, no core dumps), a scrubbed environment, stdin from a file, and stdout read with a cap. Where the OS
 allows, more holds (see :class:`Protections` and docs/code_verifier.md):
 
-- namespaces (root, or a user namespace when not root): each run gets new mount, network, IPC and PID namespaces.
+- namespaces (root, or a user namespace when not root, with our own uid and gid mapped into it): each run gets new
+  mount, network, IPC and PID namespaces.
   No network (only a loopback that is down); the program cannot see or signal any process outside its run, and
   everything it starts dies with it (the PID namespace's init is killed). Runs as ``launcher -> init -> program``:
-  the launcher stays in the host namespace to report the exit status and to kill ``init`` on SIGTERM.
+  the launcher stays in the host's PID namespace to report the exit status and to kill ``init`` on SIGTERM.
 - private scratch: a size-capped tmpfs over /tmp, /var/tmp, /dev/shm and /run/lock, which is also the program's
   cwd; files written there vanish with the run and cannot fill the disk or RAM past ``scratch_mb``.
 - private /proc: a /proc that lists only the run's own processes.
+- hidden paths (with a private /proc): the trainer's home and caches, /root, /run/user, the run directories and
+  the paths the user adds are empty and read-only; what the program needs from them (the interpreter's and the
+  compiler's prefix) is bound back read-only (:mod:`sdzero_pl.tasks.code.mounts`).
+- read-only host (with a private /proc, Linux >= 5.12): every mount is read-only; only the scratch is writable.
 - uid switch (root only): the program runs under a uid leased from a pool (flock-ed, so concurrent runs, threads
   and processes never share one). RLIMIT_NPROC then counts only this run's processes (it is not enforced for
   root), files readable only by root or by other users stay closed, and signals to any other process fail (EPERM).
 
 Programs and the interpreter are reached through inherited directory descriptors (``/proc/self/fd/N/...``), so the
-sandboxed uid needs no search permission on their directories (a pyenv Python under a 0700 /root still runs).
+sandboxed uid needs no search permission on their directories (a pyenv Python under a 0700 /root still runs). With a
+mount namespace those descriptors are re-opened inside it, so that ``..`` from them cannot reach the host's tree.
 Standard library only.
 """
 
@@ -42,14 +48,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from sdzero_pl.tasks.code import mounts
+
 logger = logging.getLogger(__name__)
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _LIBC.unshare.argtypes = [ctypes.c_int]
+_LIBC.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+PR_SET_NO_NEW_PRIVS = 38
 SCRATCH = "/tmp"
 _SCRATCH_ALIASES = ("/var/tmp", "/dev/shm", "/run/lock")  # other world-writable places, bound to the scratch
 _PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -83,6 +93,8 @@ class Protections:
     private_scratch: bool  # size-capped private tmpfs as cwd, /tmp, /var/tmp, /dev/shm, /run/lock
     private_proc: bool  # /proc shows only the run's own processes
     uid_switch: bool  # the program runs under a leased unprivileged uid (root only)
+    hidden_paths: bool = False  # home, caches, /root, /run/user, run dirs, `hide_paths`: empty and read-only
+    read_only_host: bool = False  # every mount but the scratch is read-only
 
     def summary(self) -> str:
         held = [name for name, value in self.__dict__.items() if value]
@@ -98,12 +110,18 @@ class RunResult:
 
 
 class SandboxRuntime:
-    """Per-process state of the sandbox: the base directory, the uid pool, the interpreter and the protections.
+    """Per-process state of the sandbox: the base directory, the uid pool, the interpreter, what is hidden from
+    programs and the protections.
 
+    ``hide_paths`` are hidden on top of :func:`mounts.default_hidden_paths`; ``keep_paths`` (directories, e.g. a
+    compiler's prefix) stay visible, read-only, even under a hidden path, as the interpreter's prefix does.
     Not picklable (it holds descriptors); each process builds its own with :func:`runtime`.
     """
 
-    def __init__(self, uid_base: int = 62000, uid_count: int = 512, python_executable: str | None = None) -> None:
+    def __init__(
+        self, uid_base: int = 62000, uid_count: int = 512, python_executable: str | None = None,
+        hide_paths: Sequence[str] = (), keep_paths: Sequence[str] = (),
+    ) -> None:
         if uid_base < 1:
             raise ValueError(f"`uid_base` must be >= 1, got {uid_base}")
         if uid_count < 1:
@@ -113,12 +131,18 @@ class SandboxRuntime:
         self.base_dir = _private_dir(Path("/tmp") / f"sdzero-sandbox-{os.geteuid()}")
         self.lock_dir = _private_dir(self.base_dir / "uid-locks")
         real = os.path.realpath(python_executable or sys.executable)
-        prefix = os.path.dirname(os.path.dirname(real))
-        self._python_fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._python_rel = os.path.relpath(real, prefix)
+        self.python_prefix = os.path.dirname(os.path.dirname(real))
+        self._python_fd = os.open(self.python_prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._python_rel = os.path.relpath(real, self.python_prefix)
         self.scratch_aliases = tuple(p for p in _SCRATCH_ALIASES if os.path.isdir(p))
+        self.hide_paths = tuple(dict.fromkeys(mounts.default_hidden_paths() + mounts.check_hide_paths(hide_paths)))
+        keeps = [*mounts.interpreter_prefixes(self.python_prefix), *(os.path.realpath(p) for p in keep_paths)]
+        self.keep_paths = tuple(dict.fromkeys(keeps))
+        mounts.check_keeps(self.keep_paths, self.hide_paths)
         self.protections = Protections(False, False, False, False, False)
         self.protections = _probe(self)
+        if self.protections.hidden_paths:
+            logger.info("hidden from sandboxed programs (where they exist): %s", ", ".join(self.hide_paths))
 
     def python_argv(self) -> list[str]:
         """The interpreter, isolated (``-I``: no user site, no PYTHON* variables, no script dir on sys.path)."""
@@ -139,9 +163,12 @@ class SandboxRuntime:
 
 
 @functools.lru_cache(maxsize=None)
-def runtime(uid_base: int = 62000, uid_count: int = 512, python_executable: str | None = None) -> SandboxRuntime:
+def runtime(
+    uid_base: int = 62000, uid_count: int = 512, python_executable: str | None = None,
+    hide_paths: tuple[str, ...] = (), keep_paths: tuple[str, ...] = (),
+) -> SandboxRuntime:
     """The process-wide :class:`SandboxRuntime` for these settings (probed once)."""
-    return SandboxRuntime(uid_base, uid_count, python_executable)
+    return SandboxRuntime(uid_base, uid_count, python_executable, hide_paths, keep_paths)
 
 
 def _private_dir(path: Path) -> Path:
@@ -204,7 +231,7 @@ class Sandbox:
             export_fd = os.open(export_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             argv = [a.replace("{export_dir}", f"/proc/self/fd/{export_fd}") for a in argv]
         try:
-            result = self._run(argv, stdin, limits, [fd for fd in (export_fd,) if fd is not None], capture_stderr)
+            result = self._run(argv, stdin, limits, export_fd, export_dir, capture_stderr)
             if export_dir is not None and result.status == "ok":
                 self._import_export(export_dir, export, limits)
             return result
@@ -226,7 +253,8 @@ class Sandbox:
         self.add_file(name, data, mode=0o755)
 
     def _run(
-        self, argv: Sequence[str], stdin: bytes, limits: Limits, extra_fds: list[int], capture_stderr: bool
+        self, argv: Sequence[str], stdin: bytes, limits: Limits, export_fd: int | None, export_dir: Path | None,
+        capture_stderr: bool,
     ) -> RunResult:
         prot = self.rt.protections
         home = SCRATCH if prot.private_scratch or prot.uid_switch else str(self.dir)
@@ -234,7 +262,8 @@ class Sandbox:
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         own_count = prot.uid_switch or (prot.user_namespace and _nproc_counts_per_user_namespace())
         nproc = limits.max_processes if own_count else _plain_nproc(limits)
-        preexec = _preexec(prot, limits, nproc, self.uid, self.rt.scratch_aliases)
+        layout = self._layout(limits, export_fd, export_dir) if prot.private_scratch else None
+        preexec = _preexec(prot, limits, nproc, self.uid, layout)
         with tempfile.TemporaryFile(dir=self.rt.base_dir) as stdin_file:
             stdin_file.write(stdin)
             stdin_file.seek(0)
@@ -242,7 +271,8 @@ class Sandbox:
             proc = subprocess.Popen(
                 list(argv), stdin=stdin_file, stdout=subprocess.PIPE, cwd=self.dir,
                 stderr=subprocess.STDOUT if capture_stderr else subprocess.DEVNULL,
-                env=env, pass_fds=[self.rt._python_fd, self._dir_fd, *extra_fds], preexec_fn=preexec,
+                env=env, pass_fds=[fd for fd in (self.rt._python_fd, self._dir_fd, export_fd) if fd is not None],
+                preexec_fn=preexec,
                 start_new_session=True,
             )
         try:
@@ -252,6 +282,17 @@ class Sandbox:
         if status == "ok" and proc.returncode != 0:
             status = "exit"
         return RunResult(status, proc.returncode, stdout, time.monotonic() - start)
+
+    def _layout(self, limits: Limits, export_fd: int | None, export_dir: Path | None) -> mounts.Layout:
+        prot, rt = self.rt.protections, self.rt
+        owner = f",uid={self.uid},gid={self.uid}" if self.uid is not None else ""
+        opts = f"size={limits.scratch_mb}m,mode=0700{owner}"
+        binds = [(self._dir_fd, str(self.dir), False)]
+        if export_fd is not None:
+            binds.append((export_fd, str(export_dir), True))
+        return mounts.plan(SCRATCH, opts, rt.scratch_aliases, prot.read_only_host,
+                           rt.hide_paths if prot.hidden_paths else (), rt.keep_paths, binds,
+                           [(rt._python_fd, rt.python_prefix)])
 
 
 class ExportMissing(RuntimeError):
@@ -361,12 +402,11 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _preexec(prot: Protections, limits: Limits, nproc: int, uid: int | None, aliases: Sequence[str]) -> Callable:
+def _preexec(prot: Protections, limits: Limits, nproc: int, uid: int | None, layout: mounts.Layout | None) -> Callable:
     """The function the forked child runs before exec. Everything it needs is computed here, in the parent."""
     flags = 0
     if prot.namespaces:
         flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWPID | (CLONE_NEWUSER if prot.user_namespace else 0)
-    scratch_opts = f"size={limits.scratch_mb}m,mode=0700" + (f",uid={uid},gid={uid}" if uid is not None else "")
     cpu = math.ceil(limits.time_limit_s) + 1
     rlimits = [
         (resource.RLIMIT_CPU, (cpu, cpu + 1)),
@@ -378,6 +418,7 @@ def _preexec(prot: Protections, limits: Limits, nproc: int, uid: int | None, ali
         (resource.RLIMIT_AS, (limits.memory_mb << 20,) * 2),
     ]
     cwd = SCRATCH if prot.private_scratch else None
+    id_maps = _id_maps(os.geteuid(), os.getegid()) if prot.user_namespace else ()
 
     def enter_program() -> None:
         if cwd is not None:
@@ -386,6 +427,7 @@ def _preexec(prot: Protections, limits: Limits, nproc: int, uid: int | None, ali
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
+        _check(_LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")  # no set-uid binary gains anything
         for which, value in rlimits:  # RLIMIT_AS last: this forked copy of the parent may be larger
             resource.setrlimit(which, value)
 
@@ -393,12 +435,10 @@ def _preexec(prot: Protections, limits: Limits, nproc: int, uid: int | None, ali
         if not flags:
             return enter_program()
         _check(_LIBC.unshare(flags), "unshare")
-        if prot.private_scratch:
-            _check(_LIBC.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
-            opts = scratch_opts.encode()
-            _check(_LIBC.mount(b"tmpfs", SCRATCH.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts), "mount scratch")
-            for alias in aliases:
-                _check(_LIBC.mount(SCRATCH.encode(), alias.encode(), None, MS_BIND, None), f"bind {alias}")
+        for path, data in id_maps:
+            _write_proc(path, data)
+        if layout is not None:
+            mounts.build(layout)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         init = os.fork()
         if init:
@@ -417,6 +457,23 @@ def _preexec(prot: Protections, limits: Limits, nproc: int, uid: int | None, ali
     return preexec
 
 
+def _id_maps(uid: int, gid: int) -> tuple[tuple[str, bytes], ...]:
+    """Map our own uid and gid into the new user namespace (the only mapping an unprivileged process may write).
+
+    Unmapped, the run's uid is the overflow id there, and the kernel refuses to create any file on a filesystem
+    mounted inside the namespace (the private scratch): EOVERFLOW, which broke every compilation."""
+    return (("/proc/self/setgroups", b"deny"), ("/proc/self/uid_map", f"{uid} {uid} 1".encode()),
+            ("/proc/self/gid_map", f"{gid} {gid} 1".encode()))
+
+
+def _write_proc(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def _launcher(init: int) -> None:
     """Host-side parent of the PID namespace: SIGTERM kills its init (and so the whole run); passes the status on."""
     signal.signal(signal.SIGTERM, lambda *_: os.kill(init, signal.SIGKILL))
@@ -429,6 +486,7 @@ def _launcher(init: int) -> None:
 def _init(program: int) -> None:
     """PID 1 of the run: reaps orphans until the program exits; its exit kills everything left in the namespace."""
     os.closerange(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.chdir("/")  # its cwd was the run directory on the host's tree (/proc/1/cwd)
     while True:
         pid, status = os.waitpid(-1, 0)
         if pid == program:
@@ -445,11 +503,16 @@ def _exit_code(status: int) -> int:
 def _probe(rt: SandboxRuntime) -> Protections:
     """The strongest set of protections under which a trivial Python program runs here."""
     root = os.geteuid() == 0
-    full = Protections(True, not root, True, True, root)
+    full = Protections(True, not root, True, True, root, hidden_paths=True, read_only_host=True)
+    # Hidden paths and a read-only host need the private /proc: through the host's, /proc/<pid>/root of any
+    # process of the same uid leads to the host's tree.
+    no_proc = replace(full, private_proc=False, hidden_paths=False, read_only_host=False)
     candidates = [
         full,
-        replace(full, private_proc=False),
-        replace(full, private_proc=False, private_scratch=False),
+        replace(full, read_only_host=False),  # Linux < 5.12: no mount_setattr
+        replace(full, read_only_host=False, hidden_paths=False),
+        no_proc,
+        replace(no_proc, private_scratch=False),
         Protections(False, False, False, False, root),
         Protections(False, False, False, False, False),
     ]
