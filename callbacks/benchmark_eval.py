@@ -15,12 +15,7 @@ import lightning as L
 from sdzero_pl.contracts import PolicyModule, require
 from sdzero_pl.core.prompts import CONTROL_PRESETS, stop_token_ids
 from sdzero_pl.evaluation.evaluate import (
-    EvalDataModule,
-    Sampler,
-    SampleRecord,
-    _settings,
-    check_sampling,
-    write_results,
+    EvalDataModule, Sampler, SampleRecord, _settings, check_sampling, write_results
 )
 from sdzero_pl.evaluation.metrics import DEFAULT_PHRASES, BenchmarkScores, behaviour_metrics
 from sdzero_pl.rollout import HFRollout, RolloutBackend, rollout_seed

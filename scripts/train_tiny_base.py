@@ -46,23 +46,16 @@ from pathlib import Path
 import torch
 from transformers import Qwen3ForCausalLM
 
+from sdzero_pl.core.models import load_model, load_tokenizer
+from sdzero_pl.core.prompts import control_phrases, render_prompt
 from sdzero_pl.core.tiny import build_char_tokenizer, tiny_qwen3_config
+from sdzero_pl.data.questions import Question
+from sdzero_pl.evaluation.evaluate import evaluate_questions
+from sdzero_pl.rollout import HFRollout
+from sdzero_pl.tasks import MathReward, extract_last_boxed
 from sdzero_pl.tasks.arithmetic import (
-    Problem,
-    TaskSettings,
-    add_settings_arguments,
-    feedback_retry_example,
-    generate_split,
-    iter_problems,
-    retry_example,
-    settings_from_args,
-)
-from sdzero_pl.tasks.evaluate import (
-    EvalResult,
-    chat_prompt,
-    evaluate_problems,
-    revision_check,
-    summarize_samples,
+    Problem, TaskSettings, add_settings_arguments, feedback_retry_example, generate_split, iter_problems, retry_example,
+    settings_from_args
 )
 
 IGNORE = -100
@@ -75,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="checkpoints/tiny-arith", help="output HF directory")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init, the batches and the task's train split")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--measure", default=None, metavar="DIR",
+                   help="do not train: measure the saved model in DIR on the held-out split and rewrite the Accuracy "
+                        "section of its TRAINING.md")
     g = p.add_argument_group("model (head_dim must stay 32 or 64 for vLLM's CPU backend)")
     g.add_argument("--hidden_size", type=int, default=192)
     g.add_argument("--num_hidden_layers", type=int, default=4)
@@ -130,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def encode(tokenizer, problems: list[Problem]) -> list[tuple[list[int], int]]:
     """(token ids of chat(x) + solution + <|im_end|>, number of prompt tokens) per problem."""
-    prompts = [chat_prompt(tokenizer, p.problem) for p in problems]
+    prompts = [render_prompt(tokenizer, p.problem) for p in problems]
     prompt_ids = tokenizer(prompts, add_special_tokens=False).input_ids
     target_ids = tokenizer([p.solution for p in problems], add_special_tokens=False).input_ids
     return [(x + y + [tokenizer.eos_token_id], len(x)) for x, y in zip(prompt_ids, target_ids)]
@@ -145,7 +141,7 @@ def encode_retry(tokenizer, problems: list[Problem], seed: int, slip_prob: float
     for p in problems:
         make = feedback_retry_example if style == "feedback" else retry_example
         first, phrase, second = make(p, rng, slip_prob)
-        contexts.append(chat_prompt(tokenizer, p.problem) + first + "\n\n" + phrase + "\n\n")
+        contexts.append(render_prompt(tokenizer, p.problem) + first + "\n\n" + phrase + "\n\n")
         targets.append(second)
     context_ids = tokenizer(contexts, add_special_tokens=False).input_ids
     target_ids = tokenizer(targets, add_special_tokens=False).input_ids
@@ -207,10 +203,38 @@ def build_model(args: argparse.Namespace, tokenizer) -> Qwen3ForCausalLM:
     return model
 
 
-def evaluate(model, tokenizer, problems, args, seed: int | None = None) -> EvalResult:
-    return evaluate_problems(
-        model, tokenizer, problems, args.temperature, args.max_new_tokens, seed=args.seed if seed is None else seed
-    )
+def measure(model, tokenizer, problems: list[Problem], args, reward: MathReward, *, samples: int = 1,
+            temperature: float | None = None, seed: int = 0, revise: bool = False) -> dict:
+    """Accuracy and behaviour of ``model`` on ``problems`` through the project's evaluator
+    (:func:`sdzero_pl.evaluation.evaluate.evaluate_questions`: HF generate, the math reward, avg@k / pass@k and, with
+    ``revise``, generate-then-revise with the paper's control phrases), summed up for this script's records."""
+    temperature = args.temperature if temperature is None else temperature
+    rollout = HFRollout(temperature=temperature, max_new_tokens=args.max_new_tokens, batch_size=64, show_progress=False)
+    questions = [Question(p.id, p.problem, p.answer) for p in problems]
+    row, records = evaluate_questions(model, tokenizer, questions, rollout=rollout, reward=reward, num_samples=samples,
+                                      phrases=control_phrases("paper") if revise else None, batch_size=64, seed=seed)
+    first = [r for r in records if r.sample == 0]
+    result = {
+        "accuracy": row[f"avg@{samples}"], f"pass@{samples}": row[f"pass@{samples}"],
+        "accuracy_per_sample": [sum((r.reward or 0.0) for r in records if r.sample == i) / len(first)
+                                for i in range(samples)],
+        "boxed_rate": sum(extract_last_boxed(r.completion) is not None for r in records) / len(records),
+        "ended_rate": 1.0 - row["truncated_frac"], "mean_completion_len": row["len_mean"], "n": len(first),
+        "samples": [(r.reward, r.completion) for r in first],
+    }
+    if revise:
+        result.update(revised_accuracy=row["revised_acc"], wrong_to_right=row["correction_rate"],
+                      right_to_right=1.0 - row["regression_rate"],
+                      revision_boxed_rate=sum(extract_last_boxed(r.revision) is not None for r in records) / len(records))
+    return result
+
+
+def measure_heldout(model, tokenizer, args, reward: MathReward) -> dict:
+    """The held-out record of TRAINING.md: k samples with generate-then-revise, and greedy decoding."""
+    heldout = generate_split("heldout", args.heldout_n, 0, settings_from_args(args))
+    k = args.heldout_samples
+    return {"sampled": measure(model, tokenizer, heldout, args, reward, samples=k, seed=args.seed, revise=True),
+            "greedy": measure(model, tokenizer, heldout, args, reward, temperature=0.0)}
 
 
 class Clock:
@@ -224,7 +248,7 @@ class Clock:
 
 
 def train_loop(
-    args, model, tokenizer, rows, retry_rows, val_problems, clock: Clock
+    args, model, tokenizer, rows, retry_rows, val_problems, clock: Clock, reward: MathReward
 ) -> tuple[list[dict], int, dict | None]:
     """AdamW over shuffled batches with periodic validation; returns (history, last step, kept state or None)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -260,17 +284,19 @@ def train_loop(
         out_of_time = clock.minutes()[0] > args.max_minutes
         if step % args.eval_every and step != args.steps and not out_of_time:
             continue
-        result = evaluate(model, tokenizer, val_problems, args)
+        result = measure(model, tokenizer, val_problems, args, reward, seed=args.seed)
+        model.train()
         wall, cpu = clock.minutes()
-        history.append({"step": step, "wall_min": wall, "cpu_min": cpu, "loss": loss_ema, **result.summary()})
+        history.append({"step": step, "wall_min": wall, "cpu_min": cpu, "loss": loss_ema,
+                        **{k: v for k, v in result.items() if k != "samples"}})
         log(
-            f"step {step} loss {loss_ema:.4f} val acc {result.accuracy:.3f} boxed {result.boxed_rate:.2f} "
-            f"ended {result.ended_rate:.2f} ({wall:.1f} min wall, {cpu:.1f} min cpu)"
+            f"step {step} loss {loss_ema:.4f} val acc {result['accuracy']:.3f} boxed {result['boxed_rate']:.2f} "
+            f"ended {result['ended_rate']:.2f} ({wall:.1f} min wall, {cpu:.1f} min cpu)"
         )
-        in_band = args.band_low <= result.accuracy <= args.band_high
-        if in_band and (kept is None or abs(result.accuracy - args.target) <= abs(kept["accuracy"] - args.target)):
-            kept = {"step": step, "accuracy": result.accuracy, "state": copy.deepcopy(model.state_dict())}
-        if result.accuracy > args.band_high and args.stop_above_band:
+        in_band = args.band_low <= result["accuracy"] <= args.band_high
+        if in_band and (kept is None or abs(result["accuracy"] - args.target) <= abs(kept["accuracy"] - args.target)):
+            kept = {"step": step, "accuracy": result["accuracy"], "state": copy.deepcopy(model.state_dict())}
+        if result["accuracy"] > args.band_high and args.stop_above_band:
             log(f"validation accuracy above {args.band_high}: stopping")
             break
         if out_of_time:
@@ -307,7 +333,8 @@ def main(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{n_params / 1e6:.2f}M parameters, {len(rows)} training problems, settings {settings}")
 
-    history, last_step, kept = train_loop(args, model, tokenizer, rows, retry_rows, val_problems, clock)
+    reward = MathReward()
+    history, last_step, kept = train_loop(args, model, tokenizer, rows, retry_rows, val_problems, clock, reward)
     train_wall, train_cpu = clock.minutes()
     band = f"[{args.band_low}, {args.band_high}]"
     if kept is None:
@@ -317,22 +344,11 @@ def main(args: argparse.Namespace) -> None:
         model.load_state_dict(kept["state"])
         chosen = f"step {kept['step']}, the in-band evaluation closest to {args.target}"
 
-    heldout = generate_split("heldout", args.heldout_n, 0, settings)
-    samples = [evaluate(model, tokenizer, heldout, args, seed=args.seed + i) for i in range(args.heldout_samples)]
-    sampled, multi = samples[0], summarize_samples(samples)
-    greedy = evaluate_problems(model, tokenizer, heldout, temperature=0.0, max_new_tokens=args.max_new_tokens)
-    revision = revision_check(
-        model, tokenizer, heldout, sampled, args.temperature, args.max_new_tokens, seed=args.seed
-    )
-    log(
-        f"kept {chosen}: held-out avg@{args.heldout_samples} {multi[f'avg@{args.heldout_samples}']:.3f} "
-        f"(greedy {greedy.accuracy:.3f}); revisions "
-        f"{revision['revised_accuracy']:.3f}, wrong->right {revision['wrong_to_right']:.3f}"
-    )
-    record = dict(
-        settings=settings, history=history, chosen=chosen, sampled=sampled, multi=multi, greedy=greedy,
-        revision=revision, n_params=n_params, train_wall=train_wall, train_cpu=train_cpu,
-    )  # fmt: skip
+    heldout = measure_heldout(model, tokenizer, args, reward)
+    reward.close()
+    log_heldout(chosen, heldout, args)
+    record = dict(settings=settings, history=history, chosen=chosen, n_params=n_params, train_wall=train_wall,
+                  train_cpu=train_cpu, **heldout)
     save(model, tokenizer, args, record, clock)
 
 
@@ -343,15 +359,52 @@ def save(model, tokenizer, args: argparse.Namespace, record: dict, clock: Clock)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    samples = record["sampled"]
-    lines = [f"{r:.0f}\t{c!r}" for r, c in zip(samples.rewards[:30], samples.completions[:30])]
-    (tmp / "heldout_samples.tsv").write_text("reward\tcompletion\n" + "\n".join(lines) + "\n")
+    write_samples(tmp, record["sampled"])
     record["size_mb"] = sum(f.stat().st_size for f in tmp.iterdir()) / 1e6
     record["total_wall"], record["total_cpu"] = clock.minutes()
     (tmp / "TRAINING.md").write_text(training_md(args, record))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log(f"saved {out} ({record['size_mb']:.1f} MB) after {record['total_wall']:.1f} min")
+
+
+def write_samples(directory: Path, sampled: dict) -> None:
+    lines = [f"{r or 0.0:.0f}\t{c!r}" for r, c in sampled["samples"][:30]]
+    (directory / "heldout_samples.tsv").write_text("reward\tcompletion\n" + "\n".join(lines) + "\n")
+
+
+def log_heldout(chosen: str, heldout: dict, args: argparse.Namespace) -> None:
+    sampled, k = heldout["sampled"], args.heldout_samples
+    log(f"{chosen}: held-out avg@{k} {sampled['accuracy']:.3f} (greedy {heldout['greedy']['accuracy']:.3f}); "
+        f"revisions {sampled['revised_accuracy']:.3f}, wrong->right {sampled['wrong_to_right']:.3f}")
+
+
+def accuracy_section(args: argparse.Namespace, sampled: dict, greedy: dict) -> str:
+    """TRAINING.md's held-out record, measured by the project's evaluator (also rewritten by ``--measure``)."""
+    k = args.heldout_samples
+    per_sample = ", ".join(f"{a:.3f}" for a in sampled["accuracy_per_sample"])
+    return f"""## Accuracy
+
+Held-out: the first {sampled['n']} problems of the `heldout` split (seed 0), {k} samples per question at
+temperature {args.temperature} (plain sampling, no top-k/top-p; at most {args.max_new_tokens} new tokens), measured by
+the project's evaluator (`sdzero_pl.evaluation.evaluate_questions`: the same sampling, math reward and metrics as
+`python main.py validate`; HF generate, 64 questions per batch, sampling seed {args.seed}):
+
+- **accuracy {sampled['accuracy']:.3f}** (avg@{k}; per sample {per_sample}); pass@{k} {sampled[f'pass@{k}']:.3f};
+  greedy decoding {greedy['accuracy']:.3f}
+- completions with a boxed answer {sampled['boxed_rate']:.3f}, that ended their turn (`<|im_end|>`)
+  {sampled['ended_rate']:.3f}; mean length {sampled['mean_completion_len']:.1f} tokens
+
+Generate-then-revise with the paper's control phrases (one revision per sample, context
+`chat(x) + init + "\\n\\n" + control + "\\n\\n"`, same sampling): revision accuracy
+{sampled['revised_accuracy']:.3f}, wrong -> right {sampled['wrong_to_right']:.3f}, right -> right
+{sampled['right_to_right']:.3f}, boxed {sampled['revision_boxed_rate']:.3f}.
+
+Reproduce (measures a saved model again and rewrites this section): `python scripts/train_tiny_base.py --measure
+{args.out}` (add the task flags of the command above if they differ from the defaults). A few held-out samples
+(first sample of each question) are in `heldout_samples.tsv`.
+
+"""
 
 
 def training_md(args: argparse.Namespace, r: dict) -> str:
@@ -361,13 +414,11 @@ def training_md(args: argparse.Namespace, r: dict) -> str:
         f"| {h['boxed_rate']:.2f} | {h['ended_rate']:.2f} | {h['mean_completion_len']:.1f} |"
         for h in r["history"]
     )
-    sampled, greedy, multi, k = r["sampled"], r["greedy"], r["multi"], args.heldout_samples
     retry_text = (f"attempt, feedback that says whether it is right, solution; {args.retry_slip_prob:.0%} of the "
                   "attempts wrong: an arithmetic slip, a misread operand or a flipped operation"
                   if args.retry_style == "feedback" else
                   f"attempt, neutral interjection, solution; {args.retry_slip_prob:.0%} of the attempts with an "
                   "arithmetic slip")
-    per_sample = ", ".join(f"{a:.3f}" for a in multi["accuracy_per_sample"])
     return f"""# tiny-arith: the embedded demo's base model
 
 Trained from scratch by `scripts/train_tiny_base.py` (seeded, one CPU thread). There is no resume: rerun the
@@ -396,30 +447,11 @@ examples ({retry_text}; loss on the final solution only; see the script's docstr
 {args.batch_size}; AdamW lr {args.lr}, {args.warmup_steps} warm-up steps, cosine to {args.min_lr_ratio} x lr,
 weight decay {args.weight_decay}, betas (0.9, 0.95), grad clip {args.grad_clip}.
 
-## Accuracy
-
-Held-out: the first {sampled.n} problems of the `heldout` split (seed 0), {k} samples per question (sampling seeds
-{args.seed}..{args.seed + k - 1}) at temperature {args.temperature} (plain sampling, no top-k/top-p; at most
-{args.max_new_tokens} new tokens; HF `generate`, batched, left padding), scored by `MathReward` (last
-`\\boxed{{}}` vs. the answer, math-verify):
-
-- **accuracy {multi[f'avg@{k}']:.3f}** (avg@{k}: mean over the {k} samples, per sample {per_sample});
-  pass@{k} {multi[f'pass@{k}']:.3f}; greedy decoding {greedy.accuracy:.3f}
-- completions with a boxed answer {multi['boxed_rate']:.3f}, that ended their turn (`<|im_end|>`)
-  {multi['ended_rate']:.3f}; mean length {sampled.mean_completion_len:.1f} tokens (first sample)
-
-Generate-then-revise with the SPEC control phrases (paper default; one revision per completion of the first
-sample, context `chat(x) + init + "\\n\\n" + control + "\\n\\n"`, same sampling): revision accuracy
-{r['revision']['revised_accuracy']:.3f}, wrong -> right {r['revision']['wrong_to_right']:.3f}, right -> right
-{r['revision']['right_to_right']:.3f}, boxed {r['revision']['boxed_rate']:.3f}.
-
-Reproduce: `python -m sdzero_pl.tasks.evaluate --model {args.out} --split heldout --n {sampled.n} --samples {k}
---temperature {args.temperature}` (add the task flags of the command above if they differ from the defaults).
-A few held-out samples (first sample) are in `heldout_samples.tsv`.
+{accuracy_section(args, r['sampled'], r['greedy'])}## Model selection
 
 Saved checkpoint: {r['chosen']}.
-Validation during training ({args.eval_n} train-split questions of another seed, none of them trained on; same
-sampling as above):
+Validation during training ({args.eval_n} train-split questions of another seed, none of them trained on; one
+sample each, same sampling as above):
 
 | step | wall min | cpu min | answer loss (EMA) | val accuracy | boxed | ended | mean len |
 |---|---|---|---|---|---|---|---|
@@ -433,6 +465,30 @@ was shared with other jobs, so wall-clock overstates the cost on an idle core.
 """
 
 
+def remeasure(args: argparse.Namespace) -> None:
+    """``--measure DIR``: measure a saved model on the held-out split again and rewrite the Accuracy section of its
+    TRAINING.md (the training record around it is kept) and its heldout_samples.tsv, atomically."""
+    directory = Path(args.measure)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(str(directory), "float32"), load_tokenizer(str(directory))
+    reward = MathReward()
+    try:
+        heldout = measure_heldout(model, tokenizer, args, reward)
+    finally:
+        reward.close()
+    log_heldout(f"{directory}", heldout, args)
+    record = directory / "TRAINING.md"
+    text = record.read_text()
+    start, end = text.index("## Accuracy\n"), text.index("## Model selection\n")
+    args.out = str(directory)
+    new = text[:start] + accuracy_section(args, heldout["sampled"], heldout["greedy"]) + text[end:]
+    write_samples(directory, heldout["sampled"])
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, record)
+    log(f"rewrote the Accuracy section of {record}")
+
+
 def log(message: str) -> None:
     print(f"[train_tiny_base] {message}", flush=True)
 
@@ -440,7 +496,8 @@ def log(message: str) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        main(parse_args())
+        arguments = parse_args()
+        remeasure(arguments) if arguments.measure else main(arguments)
     except KeyboardInterrupt:
         log("interrupted: nothing saved")
         sys.exit(130)

@@ -64,6 +64,13 @@ class RolloutData(Protocol):
 
 
 @runtime_checkable
+class GroupRollouts(RolloutData, Protocol):
+    """GRPO's data module: on-policy groups, and the ledger of their generations (copied next to the export)."""
+
+    def budget_path(self) -> Path: ...
+
+
+@runtime_checkable
 class SFTData(Protocol):
     """What the SFT module (SRT, RFT) needs from its data module: the stage plan and the data statistics."""
 
@@ -77,8 +84,8 @@ class SFTData(Protocol):
     def stage_steps(self, trainer: Any) -> list[int]:
         """Optimizer steps of each stage over the whole fit (the LR schedule's lengths)."""
 
-    def budget_path(self) -> Path:
-        """The sample-budget ledger of the collection (copied next to the exported model)."""
+    def paths(self) -> Any:
+        """The collection's files (:class:`~sdzero_pl.data.records.CollectionPaths`: records, budget.json)."""
 
     def handoff(self) -> Any:
         """What Phase 2 must match (a :class:`~sdzero_pl.phase1.handoff.Handoff`), or None (RFT: no Phase 2)."""

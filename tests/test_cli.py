@@ -28,9 +28,26 @@ def test_help_documents_module_and_data_arguments(capsys):
         main(["fit", "--model.help", "sdzero_pl.phase2.SelfDistillModule"])
     text = capsys.readouterr().out
     assert "--model.top_k" in text and "teacher top-k ids the divergence is computed over" in text
+    assert "--model.optim.lr" in text and "AdamW learning rate (paper: 5e-6)" in text  # a group's field docs
+    assert "default: 20" in text.split("--model.optim.warmup_steps")[-1][:300]  # Phase 2's own default
     with pytest.raises(SystemExit):
         main(["fit", "--data.help", "sdzero_pl.phase2.OnPolicyDataModule"])
-    assert "questions per epoch (all ranks together)" in capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # help wraps lines
+    assert "questions per epoch (all ranks together)" in text
+    assert "--data.questions.dataset" in text and "hub dataset name, or a local .json" in text
+    assert "--data.control.preset" in text and "reference code's" in text
+
+
+@pytest.mark.parametrize("module, defaults", [
+    ("sdzero_pl.phase1.SelfReviseSFTModule", {"lr": "5e-06", "weight_decay": "0.0001", "schedule": "cosine"}),
+    ("sdzero_pl.baselines.GRPOModule", {"lr": "1e-06", "weight_decay": "0.1", "warmup_steps": "10"}),
+])
+def test_each_training_module_documents_its_own_optimizer_defaults(capsys, module, defaults):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", module])
+    text = " ".join(capsys.readouterr().out.split())  # help wraps lines
+    for field, value in defaults.items():
+        assert f"default: {value}" in text.split(f"--model.optim.{field} ")[-1][:300], (module, field)
 
 
 def test_bad_flag_value_names_the_flag(tmp_path):

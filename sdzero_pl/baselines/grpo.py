@@ -30,19 +30,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import shutil
 import time
-from dataclasses import asdict
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sdzero_pl.contracts import RolloutData, connect
+from sdzero_pl.contracts import GroupRollouts, connect
 from sdzero_pl.core.losses import normalised_sum, token_logps
-from sdzero_pl.core.models import export_hf, hidden_states, load_model, load_tokenizer, output_weight, resolve_dtype
-from sdzero_pl.core.optim import OptimArgs, build_optimizer, total_optimizer_steps
+from sdzero_pl.core.models import (
+    check_dtypes, export_hf, export_path, hidden_states, load_model, load_policy, load_tokenizer, output_weight
+)
+from sdzero_pl.core.optim import OptimArgs, optimizer_for
 from sdzero_pl.core.rl_losses import check_clip, clipped_pg_loss, k3_kl
 from sdzero_pl.core.sequences import pad_sequences, select_targets, target_positions
 
@@ -145,17 +144,14 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"`--model.kl_coef` must be >= 0, got {kl_coef}")
         if chunk_size < 1:
             raise ValueError(f"`--model.chunk_size` must be >= 1, got {chunk_size}")
-        resolve_dtype(dtype)
-        if export_dtype is not None:
-            resolve_dtype(export_dtype)
+        check_dtypes(dtype, export_dtype)
         self.save_hyperparameters()
-        self.optim = OptimArgs.of(optim)  # under LightningCLI (and from a checkpoint), hparams hold a dict
-        self.hparams["optim"] = asdict(self.optim)  # plain types: checkpoints load with weights_only=True
+        self.optim = OptimArgs.hold(self, optim)
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.chunk_size = chunk_size
         self.policy: torch.nn.Module | None = None
         self.ref: torch.nn.Module | None = None
-        self.data: RolloutData | None = None
+        self.data: GroupRollouts | None = None
 
     @property
     def start_model(self) -> str:
@@ -163,21 +159,17 @@ class GRPOModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":  # the data module samples from this module's policy and scores with it
-            self.data = connect(self, self.trainer.datamodule, RolloutData)
+            self.data = connect(self, self.trainer.datamodule, GroupRollouts)
 
     def configure_model(self) -> None:
         if self.policy is not None:
             return
         hp = self.hparams
-        self.policy = load_model(hp.model_name_or_path, hp.dtype)
-        self.policy.train()
+        self.policy = load_policy(hp.model_name_or_path, hp.dtype, hp.gradient_checkpointing)
         if hp.kl_coef > 0:
             self.ref = load_model(hp.ref_name_or_path, hp.dtype) if hp.ref_name_or_path else copy.deepcopy(self.policy)
             self.ref.eval()
             self.ref.requires_grad_(False)
-        if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-            self.policy.config.use_cache = False
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -246,17 +238,12 @@ class GRPOModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         steps = self.data.optimizer_steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
-        return build_optimizer(self.policy.parameters(), self.optim, [total_optimizer_steps(self.trainer, steps)])
-
-    def export_path(self) -> str:
-        return self.hparams.export_dir or os.path.join(self.trainer.default_root_dir, "hf_model")
+        return optimizer_for(self.policy.parameters(), self.optim, self.trainer, steps)
 
     def on_train_end(self) -> None:
-        path = self.export_path()
+        path = export_path(self.trainer, self.hparams.export_dir)
         if self.trainer.is_global_zero:
-            export_hf(self.policy, self.tokenizer, path, dtype=self.hparams.export_dtype)
-            budget = self.data.budget_path()
-            if budget.exists():
-                shutil.copy(budget, os.path.join(path, "budget.json"))
+            export_hf(self.policy, self.tokenizer, path, dtype=self.hparams.export_dtype,
+                      budget=self.data.budget_path())
             rank_zero_info(f"GRPO policy saved as a Hugging Face model in {path}")
         self.trainer.strategy.barrier("export")

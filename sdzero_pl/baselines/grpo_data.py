@@ -19,7 +19,7 @@ from sdzero_pl.contracts import GroupPolicy, require
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.prompts import encode_prompts, stop_token_ids
 from sdzero_pl.core.rl_losses import group_advantages, zero_signal_groups
-from sdzero_pl.data.batching import CollatedBatches, chunks, require_reload_every_epoch, step_totals
+from sdzero_pl.data.batching import RankShard, chunks, require_reload_every_epoch, step_totals
 from sdzero_pl.data.questions import Question, QuestionSource, epoch_questions
 from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout, rollout_seed
 from sdzero_pl.tasks import MathReward, Verifier
@@ -113,7 +113,7 @@ class GroupRolloutDataModule(L.LightningDataModule):
         epoch = self.trainer.current_epoch
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = (epoch, self._generate_epoch(epoch))
-        return DataLoader(CollatedBatches(self._epoch[1]), batch_size=None, num_workers=0)
+        return DataLoader(RankShard(self._epoch[1]), batch_size=None, num_workers=0)
 
     def _generate_epoch(self, epoch: int) -> list[dict]:
         """Steps 1-6 of the module docstring for this rank."""

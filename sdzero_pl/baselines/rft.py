@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict
-from pathlib import Path
 from typing import Sequence
 
 import lightning as L
@@ -32,18 +31,13 @@ from transformers import PreTrainedTokenizerBase
 
 from sdzero_pl.contracts import PolicyModule
 from sdzero_pl.core.budget import BudgetLedger
-from sdzero_pl.core.prompts import render_prompt, stop_token_ids
+from sdzero_pl.core.prompts import render_prompt
 from sdzero_pl.core.sequences import strip_stop
 from sdzero_pl.data.batching import require_reload_every_epoch
 from sdzero_pl.data.questions import DataError, Question, QuestionSource
 from sdzero_pl.data.records import (
-    TraceFile,
-    chunk_seed,
-    collect_on_rank_zero,
-    collection_settings,
-    read_trace_file,
-    run_collection,
-    summarize,
+    CollectionPaths, TraceFile, chunk_seed, collect_with_policy, collection_settings, read_trace_file, run_collection,
+    summarize
 )
 from sdzero_pl.phase1.clean import trim_repeating_tail
 from sdzero_pl.phase1.data import SFTPlan
@@ -257,14 +251,8 @@ class RFTDataModule(L.LightningDataModule):
         self.pad_id: int | None = None
         self.stats: dict[str, float] = {}
 
-    def output_dir(self) -> Path:
-        return Path(self.hparams.output_dir or os.path.join(self.trainer.default_root_dir, "rft_data"))
-
-    def samples_path(self) -> Path:
-        return self.output_dir() / "samples.jsonl"
-
-    def budget_path(self) -> Path:
-        return self.output_dir() / "budget.json"
+    def paths(self) -> CollectionPaths:
+        return CollectionPaths.of(self.trainer, self.hparams.output_dir, "rft_data", "samples.jsonl")
 
     def setup(self, stage: str) -> None:
         """The questions, read and checked before any model weights load."""
@@ -283,15 +271,17 @@ class RFTDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         self.pad_id = module.tokenizer.pad_token_id
-        collect_on_rank_zero(self.trainer, self.samples_path(), lambda: self._collect(module), "rft-collection")
-        state = read_trace_file(self.samples_path())
-        samples, cleaning = clean_samples(load_samples(self.samples_path()), hp.trim_repeats, hp.dedupe,
+        collect_with_policy(self.trainer, module, self.collector, rollout=self.rollout, paths=self.paths(),
+                            questions=self.questions, source=self.source, recollect=hp.recollect,
+                            show_progress=hp.show_progress)
+        state = read_trace_file(self.paths().records)
+        samples, cleaning = clean_samples(load_samples(self.paths().records), hp.trim_repeats, hp.dedupe,
                                           hp.max_per_question)
         if len(samples) < hp.min_samples:
-            raise DataError(f"{self.samples_path()}: {len(samples)} correct samples after cleaning, "
+            raise DataError(f"{self.paths().records}: {len(samples)} correct samples after cleaning, "
                             f"`--data.min_samples` is {hp.min_samples}; sample more questions or lower it")
         if not samples:
-            rank_zero_warn(f"{self.samples_path()}: no correct sample; nothing to train on, the exported model will "
+            rank_zero_warn(f"{self.paths().records}: no correct sample; nothing to train on, the exported model will "
                            "be the base model")
         examples = [encode_sample(module.tokenizer, s, hp.max_length) for s in samples]
         self.plan = SFTPlan([examples], hp.batch_size, hp.shuffle_examples, hp.seed)
@@ -304,22 +294,7 @@ class RFTDataModule(L.LightningDataModule):
             "rollout/reward_mean": totals["correct"] / max(totals["generations"], 1),
         })
         rank_zero_info(f"RFT data: {len(samples)} correct samples of {totals['generations']} generations "
-                       f"({totals['questions']} questions) in {self.samples_path()}; cleaning: {cleaning}")
-
-    def _collect(self, module: PolicyModule) -> None:
-        """Sample with the (not yet trained) model (global rank 0 only)."""
-        hp = self.hparams
-        module.configure_model()  # idempotent; Lightning calls it again after setup
-        model = module.policy.to(self.trainer.strategy.root_device)
-        stops = stop_token_ids(module.tokenizer, model.generation_config.eos_token_id)
-        self.collector.bind(module.tokenizer, stops)
-        ledger = BudgetLedger(self.budget_path())
-        run_collection(self.samples_path(), self.collector, self.questions, source=self.source.name,
-                       extra_settings={"model": module.start_model, "dtype": module.hparams.dtype,
-                                       "dataset": self.source.name},
-                       ledger=ledger, recollect=hp.recollect, show_progress=hp.show_progress,
-                       prepare=lambda: self.rollout.setup(model, module.tokenizer, stops))
-        rank_zero_info(f"RFT sample budget ({self.budget_path()}): {ledger.summary()}")
+                       f"({totals['questions']} questions) in {self.paths().records}; cleaning: {cleaning}")
 
     # ------------------------------------------------------------------ the SFT module's data-module contract
     def stage_of_epoch(self, epoch: int) -> int:

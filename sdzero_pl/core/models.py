@@ -3,6 +3,8 @@ forward every loss uses, and the Hugging Face export every training module ends 
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +19,13 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_dtypes(*dtypes: str | None) -> None:
+    """Every given dtype name must be known (None: not set)."""
+    for dtype in dtypes:
+        if dtype is not None:
+            resolve_dtype(dtype)
+
+
 def load_model(name_or_path: str, dtype: str = "bfloat16", attn_implementation: str | None = None) -> PreTrainedModel:
     """A causal LM from a hub id or a local HF directory, in ``dtype``."""
     _check_local(name_or_path)
@@ -24,6 +33,17 @@ def load_model(name_or_path: str, dtype: str = "bfloat16", attn_implementation: 
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def load_policy(name_or_path: str, dtype: str, gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """The model a training module trains, in train mode; with ``gradient_checkpointing``, activations are recomputed
+    in backward (non-reentrant) and the KV cache is off (the export switches it back on)."""
+    model = load_model(name_or_path, dtype)
+    model.train()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -75,13 +95,21 @@ def hidden_states(model: PreTrainedModel, ids: torch.Tensor, attention_mask: tor
     return out.last_hidden_state
 
 
+def export_path(trainer, export_dir: str | None) -> str:
+    """Where a training module's final HF model goes: ``export_dir``, or ``<default_root_dir>/hf_model`` (one place
+    per run directory, the same for a resumed run)."""
+    return export_dir or os.path.join(trainer.default_root_dir, "hf_model")
+
+
 def export_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path,
-              state_dict: dict[str, torch.Tensor] | None = None, dtype: str | None = None) -> Path:
+              state_dict: dict[str, torch.Tensor] | None = None, dtype: str | None = None,
+              budget: Path | None = None) -> Path:
     """Save a trained model and its tokenizer as a standard Hugging Face directory (``from_pretrained`` and vLLM
     load it). ``model`` may be a sharding wrapper (its HF model is saved); ``state_dict``: the full weights gathered
     from shards (:func:`~sdzero_pl.core.sharding.gather_state_dict`); ``dtype``: convert the saved weights (e.g.
-    "bfloat16"; the live model is converted in place, training is over). The saved config re-enables the KV cache
-    that gradient checkpointing switched off."""
+    "bfloat16"; the live model is converted in place, training is over); ``budget``: a sample-budget ledger copied
+    next to the weights as ``budget.json`` (when it exists). The saved config re-enables the KV cache that gradient
+    checkpointing switched off."""
     from sdzero_pl.core.sharding import hf_model
 
     hf = hf_model(model)
@@ -94,4 +122,6 @@ def export_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: 
             hf.to(target)
     hf.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(path)
+    if budget is not None and budget.exists():
+        shutil.copy(budget, Path(path) / "budget.json")
     return Path(path)

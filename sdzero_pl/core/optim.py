@@ -6,7 +6,7 @@ decay 1e-4, betas (0.9, 0.95); Phase 2 20 warm-up steps. Each module gives :clas
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import torch
@@ -46,9 +46,12 @@ class OptimArgs:
             raise ValueError(f"`--model.optim.min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}")
 
     @classmethod
-    def of(cls, value: OptimArgs | dict) -> OptimArgs:
-        """The arguments themselves, or rebuilt from their dict form (saved hyper-parameters)."""
-        return value if isinstance(value, cls) else cls(**value)
+    def hold(cls, module, value: OptimArgs | dict) -> OptimArgs:
+        """``value`` as OptimArgs (rebuilt from its dict form: LightningCLI's and a checkpoint's hyper-parameters),
+        recorded in ``module.hparams`` as plain types, so checkpoints load with ``weights_only=True``."""
+        optim = value if isinstance(value, cls) else cls(**value)
+        module.hparams["optim"] = asdict(optim)
+        return optim
 
     def warmup(self, total_steps: int) -> int:
         """Warm-up optimizer steps of a schedule ``total_steps`` long."""
@@ -88,6 +91,11 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], optim: OptimArgs, 
         schedule = lambda step: staged_lr_factor(step, stage_steps, optim)  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def optimizer_for(parameters: Iterable[torch.nn.Parameter], optim: OptimArgs, trainer, steps_per_epoch: int) -> dict:
+    """:func:`build_optimizer` for a one-stage fit of ``steps_per_epoch`` optimizer steps per epoch."""
+    return build_optimizer(parameters, optim, [total_optimizer_steps(trainer, steps_per_epoch)])
 
 
 def total_optimizer_steps(trainer, steps_per_epoch: int) -> int:

@@ -15,17 +15,18 @@ from torch.utils.data import IterableDataset
 T = TypeVar("T")
 
 
-class CollatedBatches(IterableDataset):
-    """Pre-collated micro-batches. Iterable, so Lightning does not shard it again with a DistributedSampler."""
+class RankShard(IterableDataset):
+    """This rank's items (pre-collated micro-batches, evaluation questions), in order. Iterable, so Lightning neither
+    shards it again with a DistributedSampler nor pads it with duplicates (which would bias means)."""
 
-    def __init__(self, batches: list[dict]) -> None:
-        self.batches = batches
+    def __init__(self, items: list) -> None:
+        self.items = items
 
-    def __iter__(self) -> Iterator[dict]:
-        return iter(self.batches)
+    def __iter__(self) -> Iterator:
+        return iter(self.items)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.items)
 
 
 def chunks(items: Sequence[T], size: int) -> list[list[T]]:

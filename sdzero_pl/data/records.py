@@ -25,8 +25,10 @@ from typing import Callable, Protocol, Sequence
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
+from sdzero_pl.contracts import PolicyModule
 from sdzero_pl.core.budget import BudgetLedger
-from sdzero_pl.data.questions import DataError, Question
+from sdzero_pl.core.prompts import stop_token_ids
+from sdzero_pl.data.questions import DataError, Question, QuestionSource
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,21 @@ def open_collection(path: Path, header: dict, recollect: bool) -> TraceFile:
     return state
 
 
+@dataclass(frozen=True)
+class CollectionPaths:
+    """The files of one collection: the JSONL ``records`` and its ``budget.json``, in ``directory``."""
+
+    directory: Path
+    records: Path
+    budget: Path
+
+    @classmethod
+    def of(cls, trainer, output_dir: str | None, default_dir: str, records_name: str) -> CollectionPaths:
+        """In ``output_dir``, or ``<default_root_dir>/<default_dir>``."""
+        directory = Path(output_dir or os.path.join(trainer.default_root_dir, default_dir))
+        return cls(directory, directory / records_name, directory / "budget.json")
+
+
 # ------------------------------------------------------------------------------------------------ the runner
 class ChunkCollector(Protocol):
     """One kind of collection (Phase 1's traces, RFT's samples): what :func:`run_collection` needs from it."""
@@ -172,6 +189,9 @@ class ChunkCollector(Protocol):
 
     def progress(self, totals: dict[str, int]) -> dict[str, str]:
         """Progress bar postfix."""
+
+    def bind(self, tokenizer, stop_ids: Sequence[int]) -> ChunkCollector:
+        """The sampling model's tokenizer and end-of-turn ids; needed before the first chunk."""
 
 
 def run_collection(path: str | os.PathLike, collector: ChunkCollector, questions: Sequence[Question], *,
@@ -225,6 +245,30 @@ def collect_on_rank_zero(trainer, path: Path, collect: Callable[[], None], name:
         while not (path.exists() and read_trace_file(path).finished):
             time.sleep(10)
     trainer.strategy.barrier(name)
+
+
+def collect_with_policy(trainer, module: PolicyModule, collector: ChunkCollector, *, rollout, paths: CollectionPaths,
+                        questions: Sequence[Question], source: QuestionSource, recollect: bool,
+                        show_progress: bool) -> None:
+    """Phase 1's and RFT's collection, on every rank: global rank 0 loads the module's policy (before any weight
+    changes), binds the collector (``collector.bind(tokenizer, stop_ids)``) and the rollout backend to it and runs
+    the collection into ``paths``; the other ranks wait for the finished file."""
+    path, ledger_path = paths.records, paths.budget
+
+    def collect() -> None:
+        module.configure_model()  # idempotent; Lightning calls it again after setup
+        model = module.policy.to(trainer.strategy.root_device)
+        stops = stop_token_ids(module.tokenizer, model.generation_config.eos_token_id)
+        collector.bind(module.tokenizer, stops)
+        ledger = BudgetLedger(ledger_path)
+        run_collection(path, collector, questions, source=source.name,
+                       extra_settings={"model": module.start_model, "dtype": module.hparams.dtype,
+                                       "dataset": source.name},
+                       ledger=ledger, recollect=recollect, show_progress=show_progress,
+                       prepare=lambda: rollout.setup(model, module.tokenizer, stops))
+        rank_zero_info(f"{collector.desc}: sample budget ({ledger_path}): {ledger.summary()}")
+
+    collect_on_rank_zero(trainer, path, collect, f"{collector.method}-collection")
 
 
 def collection_settings(questions: Sequence[Question], rollout, reward, chunk_size: int, seed: int,

@@ -19,15 +19,16 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from sdzero_pl.core.models import load_model, load_tokenizer
 from sdzero_pl.core.prompts import ControlPhrases, control_text, encode_prompts, stop_token_ids
 from sdzero_pl.core.sequences import strip_stop
+from sdzero_pl.data.batching import RankShard
 from sdzero_pl.data.questions import Question
 from sdzero_pl.evaluation.benchmarks import PAPER_BENCHMARKS, load_benchmark, resolve_benchmark
 from sdzero_pl.evaluation.metrics import BenchmarkScores, markdown_table
@@ -60,19 +61,6 @@ class SampleRecord:
 
 
 # -------------------------------------------------------------------------------------------------- data
-class _Items(IterableDataset):
-    """This rank's items; iterable so Lightning does not pad the shard with duplicates (which would bias means)."""
-
-    def __init__(self, items: list[EvalItem]) -> None:
-        self.items = items
-
-    def __iter__(self) -> Iterator[EvalItem]:
-        return iter(self.items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
 def _as_list(batch: list[EvalItem]) -> list[EvalItem]:
     return batch
 
@@ -148,7 +136,7 @@ class EvalDataModule(L.LightningDataModule):
 
     def _loader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return DataLoader(_Items(self.shard(rank, world)), batch_size=self.batch_size,
+        return DataLoader(RankShard(self.shard(rank, world)), batch_size=self.batch_size,
                           collate_fn=_as_list, num_workers=0)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -204,6 +192,32 @@ class Sampler:
         for rec, revision, text, reward in zip(records, revisions, texts, rewards):
             rec.revision_reward, rec.revision_tokens = reward, len(revision.completion_ids)
             rec.revision_truncated, rec.revision = revision.truncated, text
+
+
+def evaluate_questions(model: torch.nn.Module, tokenizer, questions: Sequence[Question], *, rollout: RolloutBackend,
+                       reward: Verifier, num_samples: int = 1, pass_k: Sequence[int] | None = None,
+                       phrases: dict[int, str] | None = None, instruction: str = "", system_prompt: str | None = None,
+                       batch_size: int = 64, seed: int = 0, name: str = "questions",
+                       ) -> tuple[dict[str, float], list[SampleRecord]]:
+    """The evaluator on questions held in memory (scripts, notebooks, a training loop outside Lightning): the same
+    sampling, verification, revision and metrics as ``main.py validate`` on one rank (same ``seed`` and
+    ``batch_size``: the same samples). ``phrases`` adds generate-then-revise. Returns the metrics row of
+    :class:`~sdzero_pl.evaluation.metrics.BenchmarkScores` (avg@n, pass@k, length, truncation, revision stats)
+    and every sample."""
+    pass_k = list(pass_k) if pass_k is not None else [num_samples]
+    check_sampling(num_samples, pass_k, "evaluate_questions")
+    stops = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
+    rollout.setup(model, tokenizer, stops)
+    sampler = Sampler(rollout, reward, tokenizer, stops, num_samples, phrases, None)
+    scores = BenchmarkScores([name], num_samples, pass_k, phrases is not None)
+    items = [EvalItem(name, q, q.question + instruction) for q in questions]
+    records: list[SampleRecord] = []
+    for index, start in enumerate(range(0, len(items), batch_size)):
+        batch = sampler(items[start : start + batch_size], system_prompt, seed=rollout_seed(seed, index, 0),
+                        revise_seed=rollout_seed(seed + 1, index, 0))
+        scores.update(batch)
+        records += batch
+    return scores.compute()[name], records
 
 
 def write_results(results: dict[str, dict[str, float]], directory: str, stage: str,

@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from sdzero_pl.contracts import PolicyModule
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.optim import total_optimizer_steps
-from sdzero_pl.core.prompts import ControlPhrases, stop_token_ids
+from sdzero_pl.core.prompts import ControlPhrases
 from sdzero_pl.data.batching import require_reload_every_epoch, split_steps, step_totals
 from sdzero_pl.data.questions import DataError, Question, QuestionSource
-from sdzero_pl.data.records import collect_on_rank_zero, read_trace_file, run_collection
+from sdzero_pl.data.records import CollectionPaths, collect_with_policy, read_trace_file
 from sdzero_pl.phase1.clean import clean_traces
 from sdzero_pl.phase1.collect import TraceCollector, load_traces, phase1_question_ids, trace_stats
 from sdzero_pl.phase1.handoff import Handoff
@@ -212,17 +212,8 @@ class TraceDataModule(L.LightningDataModule):
         self._question_ids: list[str] = []
 
     # ---------------------------------------------------------------------------------------------- paths
-    def output_dir(self) -> Path:
-        return Path(self.hparams.output_dir or os.path.join(self.trainer.default_root_dir, "srt_data"))
-
-    def traces_path(self) -> Path:
-        return self.output_dir() / "traces.jsonl"
-
-    def budget_path(self) -> Path:
-        return self.output_dir() / "budget.json"
-
-    def question_ids_path(self) -> Path:
-        return self.output_dir() / "phase1_question_ids.json"
+    def paths(self) -> CollectionPaths:
+        return CollectionPaths.of(self.trainer, self.hparams.output_dir, "srt_data", "traces.jsonl")
 
     # ------------------------------------------------------------------------ 1. questions, before any model
     def setup(self, stage: str) -> None:
@@ -250,17 +241,19 @@ class TraceDataModule(L.LightningDataModule):
         self.pad_id = module.tokenizer.pad_token_id
         traces, sources, ids = [], [], []
         if self.questions:
-            collect_on_rank_zero(self.trainer, self.traces_path(), lambda: self._collect(module), "srt-collection")
-            traces += load_traces(self.traces_path())
-            sources.append(str(self.traces_path()))
-            ids += phase1_question_ids(read_trace_file(self.traces_path()))
+            collect_with_policy(self.trainer, module, self.collector, rollout=self.rollout, paths=self.paths(),
+                                questions=self.questions, source=self.source, recollect=hp.recollect,
+                                show_progress=hp.show_progress)
+            traces += load_traces(self.paths().records)
+            sources.append(str(self.paths().records))
+            ids += phase1_question_ids(read_trace_file(self.paths().records))
         if hp.extra_traces_file:
             traces += self.extra_traces
             sources.append(hp.extra_traces_file)
             ids += [str(t["question_id"]) for t in self.extra_traces if t.get("question_id") is not None]
         self._question_ids = list(dict.fromkeys(ids))
         if self.trainer.is_global_zero:
-            _write_json(self.question_ids_path(), self._question_ids)
+            _write_json(self.paths().directory / "phase1_question_ids.json", self._question_ids)
         cleaned, cleaning = clean_traces(traces, hp.trim_repeats, hp.strip_openers, hp.dedupe)
         if len(cleaned) < hp.min_traces:
             raise DataError(f"{' + '.join(sources)}: {len(cleaned)} usable traces after cleaning ({len(traces)} "
@@ -279,23 +272,8 @@ class TraceDataModule(L.LightningDataModule):
                        f"{[len(s) for s in stages]} examples; cleaning: {cleaning}; "
                        f"{self.stats['data/truncated']:.0f} cut at max_length {hp.max_length}")
 
-    def _collect(self, module: PolicyModule) -> None:
-        """Sample the traces with the (not yet trained) model (global rank 0 only)."""
-        hp = self.hparams
-        module.configure_model()  # idempotent; Lightning calls it again after setup
-        model = module.policy.to(self.trainer.strategy.root_device)
-        stops = stop_token_ids(module.tokenizer, model.generation_config.eos_token_id)
-        self.collector.bind(module.tokenizer, stops)
-        ledger = BudgetLedger(self.budget_path())
-        run_collection(self.traces_path(), self.collector, self.questions, source=self.source.name,
-                       extra_settings={"model": module.start_model, "dtype": module.hparams.dtype,
-                                       "dataset": self.source.name},
-                       ledger=ledger, recollect=hp.recollect, show_progress=hp.show_progress,
-                       prepare=lambda: self.rollout.setup(model, module.tokenizer, stops))
-        rank_zero_info(f"Phase 1 sample budget ({self.budget_path()}): {ledger.summary()}")
-
     def _budget(self) -> dict[str, int]:
-        return BudgetLedger(self.budget_path()).totals() if self.budget_path().exists() else {}
+        return BudgetLedger(self.paths().budget).totals() if self.paths().budget.exists() else {}
 
     # ------------------------------------------------------------------------ 3. the SFT module's contract
     def stage_of_epoch(self, epoch: int) -> int:

@@ -25,11 +25,8 @@ record Phase 2 checks (:mod:`sdzero_pl.phase1.handoff`). RFT trains with this sa
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
-import shutil
 import time
-from dataclasses import asdict
 from typing import Sequence
 
 import lightning as L
@@ -38,7 +35,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sdzero_pl.contracts import SFTData, connect
 from sdzero_pl.core.losses import normalised_sum, token_logps
-from sdzero_pl.core.models import export_hf, hidden_states, load_model, load_tokenizer, output_weight, resolve_dtype
+from sdzero_pl.core.models import (
+    check_dtypes, export_hf, export_path, hidden_states, load_policy, load_tokenizer, output_weight
+)
 from sdzero_pl.core.optim import OptimArgs, build_optimizer
 from sdzero_pl.core.prompts import SEPARATOR
 from sdzero_pl.core.sequences import pad_sequences, select_targets
@@ -191,12 +190,9 @@ class SelfReviseSFTModule(L.LightningModule):
         super().__init__()
         if chunk_size < 1:
             raise ValueError(f"`--model.chunk_size` must be >= 1, got {chunk_size}")
-        resolve_dtype(dtype)
-        if export_dtype is not None:
-            resolve_dtype(export_dtype)
+        check_dtypes(dtype, export_dtype)
         self.save_hyperparameters()
-        self.optim = OptimArgs.of(optim)  # under LightningCLI (and from a checkpoint), hparams hold a dict
-        self.hparams["optim"] = asdict(self.optim)  # plain types: checkpoints load with weights_only=True
+        self.optim = OptimArgs.hold(self, optim)
         self.chunk_size = chunk_size
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.policy: torch.nn.Module | None = None
@@ -215,11 +211,7 @@ class SelfReviseSFTModule(L.LightningModule):
         """Load the model once (the data module calls this early: the traces are sampled before training)."""
         if self.policy is not None:
             return
-        self.policy = load_model(self.hparams.model_name_or_path, self.hparams.dtype)
-        self.policy.train()
-        if self.hparams.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-            self.policy.config.use_cache = False
+        self.policy = load_policy(self.hparams.model_name_or_path, self.hparams.dtype, self.hparams.gradient_checkpointing)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         start = time.perf_counter()
@@ -246,18 +238,13 @@ class SelfReviseSFTModule(L.LightningModule):
         # each stage warms up and decays on its own, as two separate runs would
         return build_optimizer(self.policy.parameters(), self.optim, self.data.stage_steps(self.trainer))
 
-    def export_path(self) -> str:
-        return self.hparams.export_dir or os.path.join(self.trainer.default_root_dir, "hf_model")
-
     def on_fit_end(self) -> None:
         """Save the SRT model as a standard HF directory (also when there was nothing to train on), with its sample
         budget and the hand-off record Phase 2 checks."""
-        path = self.export_path()
+        path = export_path(self.trainer, self.hparams.export_dir)
         if self.trainer.is_global_zero:
-            export_hf(self.policy, self.tokenizer, path, dtype=self.hparams.export_dtype)
-            budget = self.data.budget_path()
-            if budget.exists():
-                shutil.copy(budget, os.path.join(path, "budget.json"))
+            export_hf(self.policy, self.tokenizer, path, dtype=self.hparams.export_dtype,
+                      budget=self.data.paths().budget)
             handoff = self.data.handoff()
             if handoff is not None:
                 write_handoff(path, handoff)

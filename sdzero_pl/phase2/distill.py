@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import asdict
 
 import lightning as L
 import torch
@@ -29,8 +28,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from sdzero_pl.contracts import RolloutData, connect
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.losses import check_divergence, gathered_logits, normalised_sum, teacher_topk, topk_divergence
-from sdzero_pl.core.models import export_hf, hidden_states, load_model, load_tokenizer, output_weight
-from sdzero_pl.core.optim import OptimArgs, build_optimizer, total_optimizer_steps
+from sdzero_pl.core.models import (
+    check_dtypes, export_hf, export_path, hidden_states, load_model, load_policy, load_tokenizer, output_weight
+)
+from sdzero_pl.core.optim import OptimArgs, optimizer_for
 from sdzero_pl.core.sequences import select_targets
 from sdzero_pl.core.sharding import gather_state_dict, shard_fsdp2, wrap_fsdp1
 
@@ -73,9 +74,9 @@ class SelfDistillModule(L.LightningModule):
         if chunk_size < 1:
             raise ValueError(f"`--model.chunk_size` must be >= 1, got {chunk_size}")
         check_divergence(divergence, forward_weight)
+        check_dtypes(dtype)
         self.save_hyperparameters()
-        self.optim = OptimArgs.of(optim)  # under LightningCLI (and from a checkpoint), hparams hold a dict
-        self.hparams["optim"] = asdict(self.optim)  # plain types: checkpoints load with weights_only=True
+        self.optim = OptimArgs.hold(self, optim)
         self.chunk_size = chunk_size
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.policy: torch.nn.Module | None = None  # the student
@@ -97,11 +98,7 @@ class SelfDistillModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        self.policy = load_model(hp.model_name_or_path, hp.dtype)
-        self.policy.train()
-        if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.policy.config.use_cache = False
+        self.policy = load_policy(hp.model_name_or_path, hp.dtype, hp.gradient_checkpointing)
         if hp.teacher_name_or_path:
             self.teacher = load_model(hp.teacher_name_or_path, hp.dtype)
         else:
@@ -230,14 +227,11 @@ class SelfDistillModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         steps = self.data.optimizer_steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
-        return build_optimizer(self.policy.parameters(), self.optim, [total_optimizer_steps(self.trainer, steps)])
+        return optimizer_for(self.policy.parameters(), self.optim, self.trainer, steps)
 
     # ----------------------------------------------------------------------------------------------- export
-    def export_path(self) -> str:
-        return self.hparams.export_dir or os.path.join(self.trainer.default_root_dir, "hf_model")
-
     def on_train_end(self) -> None:
-        path = self.export_path()
+        path = export_path(self.trainer, self.hparams.export_dir)
         # sharded: full tensors gathered one at a time, kept on rank 0 only (no second full copy on other ranks)
         state = gather_state_dict(self.policy) if self.sharding else None
         if self.trainer.is_global_zero:

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from sdzero_pl.contracts import DistillPolicy, require
 from sdzero_pl.core.prompts import ControlPhrases, control_text, encode_prompts, stop_token_ids
 from sdzero_pl.core.sequences import DistillExample, build_distill_example, build_prefixed_example, collate_distill
-from sdzero_pl.data.batching import CollatedBatches, require_reload_every_epoch, split_steps, step_totals
+from sdzero_pl.data.batching import RankShard, require_reload_every_epoch, split_steps, step_totals
 from sdzero_pl.data.questions import Question, QuestionSource, epoch_questions
 from sdzero_pl.phase1.handoff import check_handoff, read_handoff
 from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout, rollout_seed
@@ -243,7 +243,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             self._epoch_data = self._generate_epoch(epoch)
             self.rollout_stats = self._epoch_data.stats
             self.last_completions = self._epoch_data.completions
-        return DataLoader(CollatedBatches(self._epoch_data.batches), batch_size=None, num_workers=0)
+        return DataLoader(RankShard(self._epoch_data.batches), batch_size=None, num_workers=0)
 
     def _generate_epoch(self, epoch: int) -> EpochData:
         trainer, module, hp = self.trainer, self.module, self.hparams

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import lightning as L
 import pytest
@@ -13,39 +12,20 @@ from transformers import AutoModelForCausalLM
 
 from sdzero_pl.baselines.grpo import GRPOModule, build_rollout_example, plan_micro_batches
 from sdzero_pl.baselines.grpo_data import GroupRolloutDataModule
-from sdzero_pl.cli import main
 from sdzero_pl.core.models import load_tokenizer
 from sdzero_pl.core.optim import OptimArgs
 from sdzero_pl.core.prompts import encode_prompts
 from sdzero_pl.data.questions import QuestionSource, load_questions
 from sdzero_pl.rollout import HFRollout
 from sdzero_pl.tasks import RewardBatch, Verifier
-
-DIGITS = "0123456789"
-
+from tests.helpers import DIGITS, CountingRollout, StartsWithDigit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-class StartsWithDigit(Verifier):
-    """Toy task: reward 1 iff the completion starts with a digit (about 10% of a random char-level model's
-    samples, so most groups of 8 hold both outcomes)."""
-
-    def __call__(self, completions, answers):
-        return RewardBatch([1.0 if c[:1] in DIGITS else 0.0 for c in completions])
 
 
 class AlwaysRight(Verifier):
     def __call__(self, completions, answers):
         return RewardBatch([1.0] * len(completions))
-
-
-class CountingRollout(HFRollout):
-    calls = 0
-
-    def generate(self, *args, **kwargs):
-        CountingRollout.calls += 1
-        return super().generate(*args, **kwargs)
 
 
 @torch.no_grad()
@@ -191,12 +171,3 @@ def test_group_rollouts_need_reloading_every_epoch(tmp_path, tiny_model_dir, que
                         default_root_dir=str(tmp_path))
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
         trainer.fit(GRPOModule(tiny_model_dir, dtype="float32"), GroupRolloutDataModule(QuestionSource(questions_file)))
-
-
-def test_tiny_grpo_config_runs_through_main(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["main.py"])  # LightningCLI reads `args` only
-    main(["fit", "--config", "configs/tiny/grpo.yaml", "--trainer.max_epochs=1", "--data.prompts_per_epoch=4",
-          f"--trainer.default_root_dir={tmp_path}",
-          f"--model.init_args.export_dir={tmp_path / 'hf_model'}", f"--data.init_args.output_dir={tmp_path / 'data'}"])
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model") is not None
-    assert json.loads((tmp_path / "data" / "budget.json").read_text())["total"]["generations"] == 4 * 4

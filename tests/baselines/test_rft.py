@@ -4,7 +4,6 @@ counts its budget, and its collection resumes and is reused like Phase 1's."""
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 
 import lightning as L
@@ -13,33 +12,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sdzero_pl.baselines.rft import RFTDataModule, SampleCollector, clean_samples, encode_sample
-from sdzero_pl.cli import main
 from sdzero_pl.core.models import load_tokenizer
 from sdzero_pl.data.questions import QuestionSource, load_questions
 from sdzero_pl.data.records import read_trace_file
 from sdzero_pl.phase1.srt import SRT_OPTIM, SelfReviseSFTModule
 from sdzero_pl.rollout import HFRollout
-from sdzero_pl.tasks import RewardBatch, Verifier
-
-DIGITS = "0123456789"
-
+from tests.helpers import DIGITS, CountingRollout, StartsWithDigit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-class StartsWithDigit(Verifier):
-    """Toy task: reward 1 iff the completion starts with a digit (about 10% of a random char-level model's samples)."""
-
-    def __call__(self, completions, answers):
-        return RewardBatch([1.0 if c[:1] in DIGITS else 0.0 for c in completions])
-
-
-class CountingRollout(HFRollout):
-    calls = 0
-
-    def generate(self, *args, **kwargs):
-        CountingRollout.calls += 1
-        return super().generate(*args, **kwargs)
 
 
 @torch.no_grad()
@@ -151,12 +131,3 @@ def test_bad_flags_name_the_flag(questions_file, kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         limit = {"num_questions": kwargs.pop("num_questions")} if "num_questions" in kwargs else {}
         RFTDataModule(QuestionSource(questions_file, **limit), **kwargs)
-
-
-def test_tiny_rft_config_runs_through_main(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["main.py"])  # LightningCLI reads `args` only
-    main(["fit", "--config", "configs/tiny/rft.yaml", "--trainer.max_epochs=1", "--data.questions.num_questions=4",
-          f"--trainer.default_root_dir={tmp_path}",
-          f"--model.init_args.export_dir={tmp_path / 'hf_model'}", f"--data.init_args.output_dir={tmp_path / 'data'}"])
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model") is not None
-    assert json.loads((tmp_path / "data" / "budget.json").read_text())["total"]["generations"] == 4 * 4

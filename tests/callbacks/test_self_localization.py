@@ -12,13 +12,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import BenchmarkEval, RolloutBehaviourLogger, SelfLocalizationLogger
-from callbacks.self_localization import (
-    Response,
-    Scored,
-    bucket_report,
-    render_html,
-    render_tensorboard_text,
-)
+from callbacks.self_localization import Response, Scored, bucket_report, render_html, render_tensorboard_text
 from sdzero_pl.core.losses import naive_topk_divergence
 from sdzero_pl.core.optim import OptimArgs
 from sdzero_pl.core.sequences import build_distill_example, collate_distill, position_ids

@@ -7,14 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from sdzero_pl.core.losses import (
-    forward_kl,
-    gathered_logits,
-    naive_topk_divergence,
-    normalised_sum,
-    reverse_kl,
-    teacher_topk,
-    token_logps,
-    topk_divergence,
+    forward_kl, gathered_logits, naive_topk_divergence, normalised_sum, reverse_kl, teacher_topk, token_logps,
+    topk_divergence
 )
 
 

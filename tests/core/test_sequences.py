@@ -4,13 +4,8 @@ padding, length budget."""
 import torch
 
 from sdzero_pl.core.sequences import (
-    build_distill_example,
-    build_prefixed_example,
-    collate_distill,
-    pad_sequences,
-    position_ids,
-    select_targets,
-    strip_stop,
+    build_distill_example, build_prefixed_example, collate_distill, pad_sequences, position_ids, select_targets,
+    strip_stop
 )
 
 EOS = 9

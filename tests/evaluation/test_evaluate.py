@@ -13,14 +13,14 @@ from typing import Sequence
 import pytest
 
 from sdzero_pl.cli import main
-from sdzero_pl.core.models import load_tokenizer
+from sdzero_pl.core.models import load_model, load_tokenizer
 from sdzero_pl.core.prompts import control_phrases, control_text, encode_prompts
 from sdzero_pl.data.questions import Question
 from sdzero_pl.evaluation.benchmarks import BENCHMARKS, NORMALISERS, PAPER_BENCHMARKS, load_benchmark, resolve_benchmark
-from sdzero_pl.evaluation.evaluate import EvalDataModule, EvalItem, Sampler, SampleRecord
+from sdzero_pl.evaluation.evaluate import EvalDataModule, EvalItem, Sampler, SampleRecord, evaluate_questions
 from sdzero_pl.evaluation.metrics import BenchmarkScores, average_rows, markdown_table
-from sdzero_pl.rollout import Rollout, RolloutBackend, split_at_stop
-from sdzero_pl.tasks import RewardBatch, Verifier
+from sdzero_pl.rollout import HFRollout, Rollout, RolloutBackend, split_at_stop
+from sdzero_pl.tasks import MathReward, RewardBatch, Verifier
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "eval"
@@ -201,3 +201,17 @@ def test_validate_command_end_to_end_writes_json_and_markdown(tiny_model_dir, tm
     samples = (log_dir / "samples_val_rank0.jsonl").read_text().splitlines()
     assert len(samples) == 3 * 2 and "revision" in json.loads(samples[0])
     assert os.path.isfile(glob.glob(str(log_dir / "events.out.tfevents*"))[0])
+
+    # the in-memory entry of the same evaluator (scripts, the shipped model's record) gives the same numbers
+    data = EvalDataModule([sums], benchmark_overrides={"sums": {"id_field": "id"}}, max_questions=3, batch_size=2)
+    reward = MathReward()
+    try:
+        row, records = evaluate_questions(
+            load_model(tiny_model_dir, "float32"), load_tokenizer(tiny_model_dir),
+            [item.question for item in data.load_items()], reward=reward, num_samples=2, pass_k=[1, 2],
+            rollout=HFRollout(temperature=0.7, max_new_tokens=6, batch_size=64, show_progress=False),
+            phrases=control_phrases("paper"), instruction=" Answer in \\boxed{}.", batch_size=2, seed=0, name="sums")
+    finally:
+        reward.close()
+    assert {k: None if math.isnan(v) else v for k, v in row.items()} == results["results"]["sums"]  # JSON: NaN -> null
+    assert [r.completion for r in records] == [json.loads(line)["completion"] for line in samples]

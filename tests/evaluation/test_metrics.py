@@ -10,14 +10,7 @@ import torch
 
 from callbacks.behaviour import RolloutBehaviourLogger, behaviour_metrics, phrase_slug
 from sdzero_pl.evaluation.metrics import (
-    AvgAtK,
-    PassAtK,
-    RevisionStats,
-    avg_at_k,
-    bucket_shares,
-    mean_bucket_shares,
-    pass_at_k,
-    phrase_frequency,
+    AvgAtK, PassAtK, RevisionStats, avg_at_k, bucket_shares, mean_bucket_shares, pass_at_k, phrase_frequency
 )
 
 

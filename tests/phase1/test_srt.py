@@ -21,13 +21,7 @@ from sdzero_pl.core.prompts import SEPARATOR, control_phrases, render_prompt
 from sdzero_pl.data.questions import DataError, QuestionSource
 from sdzero_pl.phase1.data import SFTPlan, TraceDataModule
 from sdzero_pl.phase1.srt import (
-    SRT_OPTIM,
-    SelfReviseSFTModule,
-    build_srt_example,
-    collate_srt,
-    encode_trace,
-    objective_stages,
-    srt_loss,
+    SRT_OPTIM, SelfReviseSFTModule, build_srt_example, collate_srt, encode_trace, objective_stages, srt_loss
 )
 
 PHRASES = control_phrases("paper")

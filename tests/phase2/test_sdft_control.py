@@ -22,13 +22,8 @@ from sdzero_pl.core.sequences import pad_sequences
 from sdzero_pl.data.questions import DataError, Question, QuestionSource, load_questions
 from sdzero_pl.phase2.distill import SelfDistillModule
 from sdzero_pl.phase2.onpolicy import (
-    ANSWER_DEMONSTRATION,
-    DEMONSTRATION_TEMPLATE,
-    OnPolicyDataModule,
-    control_agreement,
-    fill_template,
-    shuffled_rewards,
-    teacher_question,
+    ANSWER_DEMONSTRATION, DEMONSTRATION_TEMPLATE, OnPolicyDataModule, control_agreement, fill_template,
+    shuffled_rewards, teacher_question
 )
 from sdzero_pl.rollout import HFRollout
 from sdzero_pl.tasks import CodeReward, MathReward, RewardBatch, Verifier
