@@ -1,4 +1,4 @@
-"""Behaviour over training (SPEC "Analyses"): mean response length and the frequency of self-revision phrases
+"""Behaviour over training (docs/method.md, "Analyses"): mean response length and the frequency of self-revision phrases
 ("wait", "let me start over", the control phrases, ...) in the latest rollouts, logged every epoch.
 
 The paper reports both rising in Phase 1 (SRT teaches the model to revise) and falling in Phase 2 (SD-Zero

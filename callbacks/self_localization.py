@@ -1,4 +1,4 @@
-"""Token-level self-localization logger (SPEC "Analyses"; the paper's bucket analysis of Phase 2).
+"""Token-level self-localization logger (docs/method.md, "Analyses"; the paper's bucket analysis of Phase 2).
 
 On a FIXED set of responses (default 200, sampled once from the student with a fixed seed the first time the
 logger runs), every ``every_n_steps`` optimizer steps it scores each response with the CURRENT student and teacher:

@@ -1,4 +1,4 @@
-"""Teacher synchronization ("iterative self-evolution", SPEC "Phase 2"; paper Fig. 5).
+"""Teacher synchronization ("iterative self-evolution", docs/method.md "Phase 2"; paper Fig. 5).
 
 Distillation also improves the model's revision ability, so the frozen teacher can be replaced by the current
 student: a hard copy every ``every_n_steps`` optimizer steps, and/or when a monitored metric stops improving

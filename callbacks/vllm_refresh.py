@@ -1,4 +1,4 @@
-"""vLLM weight refresh: the rollout engine samples from the student's CURRENT weights (SPEC "Phase 2", step 1).
+"""vLLM weight refresh: the rollout engine samples from the student's CURRENT weights (docs/method.md, "Phase 2", step 1).
 
 The colocated engine (``sdzero_pl.rollout.VLLMRollout``) starts from the model directory on disk. Right before
 each epoch's rollouts (the data module's ``on_before_rollout`` hook: Lightning builds the dataloader BEFORE

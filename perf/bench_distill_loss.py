@@ -1,4 +1,4 @@
-"""Benchmark of the Phase 2 distillation loss (SPEC "Phase 2", step 4) at the real sizes, on CPU.
+"""Benchmark of the Phase 2 distillation loss (docs/method.md, "Phase 2", step 4) at the real sizes, on CPU.
 
 Compares, in the same run, two ways to get the top-k (k = 64) distillation loss and its gradients w.r.t. the
 student's hidden states and LM-head weight, for Qwen3-4B-like sizes (vocab 151,936, hidden 2,560) and 4,096

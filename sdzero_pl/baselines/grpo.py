@@ -1,4 +1,4 @@
-"""GRPO baseline, DAPO variant (SPEC "Results": the paper's GRPO row; DAPO: Yu et al. 2025, arXiv 2503.14476).
+"""GRPO baseline, DAPO variant (docs/method.md, "Results": the paper's GRPO row; DAPO: Yu et al. 2025, arXiv 2503.14476).
 
 Per epoch (``reload_dataloaders_every_n_epochs=1``), :class:`GroupRolloutDataModule`:
 

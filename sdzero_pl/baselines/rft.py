@@ -1,4 +1,4 @@
-"""RFT baseline: rejection fine-tuning, SFT on the model's own verified-correct samples (SPEC "Results": the RFT row;
+"""RFT baseline: rejection fine-tuning, SFT on the model's own verified-correct samples (docs/method.md, "Results": the RFT row;
 "Data and verification": "RFT (SFT on own correct samples)").
 
 :class:`RFTDataModule` samples ``samples_per_question`` completions for each of ``num_questions`` questions from the

@@ -1,7 +1,7 @@
 """Sample-budget ledger: generations and generated tokens per phase, saved as ``budget.json`` next to the outputs.
 
 The paper compares methods at equal sample budgets (SD-Zero: 10K + 30K = 40K Phase-1 generations + 9K Phase-2
-rollouts, against about 60K for the baselines; SPEC "Results"). Every phase that samples from a model adds its
+rollouts, against about 60K for the baselines; docs/method.md, "Results"). Every phase that samples from a model adds its
 counts here, so a run can state "40K generations, N tokens" the same way.
 
 Entries are keyed by phase name (``"phase1/init"``, ``"phase1/revision"``, ``"phase2/rollout"``, ...). ``add``

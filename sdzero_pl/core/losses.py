@@ -1,4 +1,4 @@
-"""Distillation losses for Phase 2 (SPEC "Phase 2", step 4): pure functions, tensors in, tensors out.
+"""Distillation losses for Phase 2 (docs/method.md, "Phase 2", step 4): pure functions, tensors in, tensors out.
 
 The teacher's top-k ids (k = 64) are found in a no-grad pass; both distributions are renormalised over those k
 ids and compared per token:

@@ -1,4 +1,4 @@
-"""Prompts and control phrases (SPEC "Notation").
+"""Prompts and control phrases (docs/method.md, "Notation").
 
 ``prompt`` is the question x rendered with the tokenizer's chat template, generation prompt appended, so the model
 answers in the assistant turn. The control phrase P_r is chosen by the reward r and always sits between two

@@ -1,4 +1,4 @@
-"""Losses of the GRPO baseline (SPEC "Results": "GRPO (DAPO variant)"): pure functions, tensors in, tensors out.
+"""Losses of the GRPO baseline (docs/method.md, "Results": "GRPO (DAPO variant)"): pure functions, tensors in, tensors out.
 
 * :func:`group_advantages`: GRPO's group-relative advantage ``(r - mean_group) / (std_group + eps)`` of a binary
   reward, or ``r - mean_group`` with ``scale_by_std=False`` (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783). The

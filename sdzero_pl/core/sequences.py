@@ -1,4 +1,4 @@
-"""Sequence surgery for Phase 2 (SPEC "Phase 2", steps 3 and 5): pure functions on token ids.
+"""Sequence surgery for Phase 2 (docs/method.md, "Phase 2", steps 3 and 5): pure functions on token ids.
 
 Student sequence: ``chat(x) + y``.  Teacher sequence: ``chat(x) + y' + "\\n\\n" + P_r + "\\n\\n" + y`` where y' is y
 with any end-of-turn token stripped (the reviser continues the SAME assistant turn). The teacher scores the SECOND

@@ -1,6 +1,6 @@
 """Sharding the student and the teacher (FSDP1 / FSDP2), and reading full weights back one tensor at a time.
 
-Strategies by flag (Phase 2, SPEC "Phase 2"; the paper trains with FSDP full shard):
+Strategies by flag (Phase 2, docs/method.md "Phase 2"; the paper trains with FSDP full shard):
 
 * ``--trainer.strategy=ddp``: nothing here; each rank holds both models.
 * ``--trainer.strategy=fsdp`` (Lightning's FSDPStrategy = FSDP1, GPU only): :func:`wrap_fsdp1`.

@@ -1,4 +1,4 @@
-"""Micro-batches and optimizer steps, shared by every data module that trains (SPEC "Pitfalls": the token mean).
+"""Micro-batches and optimizer steps, shared by every data module that trains (docs/method.md, "Pitfalls": the token mean).
 
 An optimizer step's loss is the token mean over ALL its micro-batches on ALL ranks, so each micro-batch carries the
 valid-token count of its whole step (``global_tokens``; see :func:`sdzero_pl.core.losses.normalised_sum`). The

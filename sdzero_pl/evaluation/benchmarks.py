@@ -1,4 +1,4 @@
-"""Benchmark adapters (SPEC "Data and verification": AIME24, AIME25, HMMT25, AMOBench, MATH-500, OpenR1 held-out),
+"""Benchmark adapters (docs/method.md, "Data and verification": AIME24, AIME25, HMMT25, AMOBench, MATH-500, OpenR1 held-out),
 plus any local JSON / JSONL file of questions.
 
 An adapter names where the rows live (hub dataset + config + split, or a file), which columns hold the question,

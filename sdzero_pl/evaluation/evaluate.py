@@ -1,4 +1,4 @@
-"""Benchmark evaluation and generate-then-revise (SPEC "Results" and "Analyses").
+"""Benchmark evaluation and generate-then-revise (docs/method.md, "Results" and "Analyses").
 
     python main.py validate --config configs/eval/qwen.yaml [--model.model_name_or_path=runs/.../hf_model]
 

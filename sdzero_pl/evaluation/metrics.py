@@ -1,4 +1,4 @@
-"""Evaluation and analysis metrics (SPEC "Analyses" and "Results"): pure functions, plus torchmetrics wrappers
+"""Evaluation and analysis metrics (docs/method.md, "Analyses" and "Results"): pure functions, plus torchmetrics wrappers
 that accumulate them across batches and ranks.
 
 * avg@n: mean correctness over the n samples of a question, averaged over questions (paper Table 1: avg@8).

@@ -1,4 +1,4 @@
-"""Phase 1 data: self-revision traces sampled from the base model itself (SPEC "Phase 1", data collection 1-4).
+"""Phase 1 data: self-revision traces sampled from the base model itself (docs/method.md, "Phase 1", data collection 1-4).
 
 For each of the first N1 questions: sample ``inits_per_question`` initial answers (paper: 1), verify them, pick
 the control phrase P_r by the reward, sample ``revisions_per_init`` revisions (paper: 3) from the reviser context
@@ -105,7 +105,7 @@ class TraceCollector:
                 "init_acc": f"{totals['init_correct'] / max(totals['init_generations'], 1):.1%}"}
 
     def collect_chunk(self, chunk: int, questions: Sequence[Question], first: int, source: str) -> list[dict]:
-        """Steps 1-4 of SPEC "Phase 1" for one chunk; returns its trace, question and chunk lines."""
+        """Steps 1-4 of docs/method.md, "Phase 1" for one chunk; returns its trace, question and chunk lines."""
         tok, c = self.tokenizer, _Chunk(chunk, questions, first)
         c.prompts = [render_prompt(tok, q.question + self.instruction, self.system_prompt) for q in questions]
         c.prompt_ids = [tok.encode(p, add_special_tokens=False) for p in c.prompts]

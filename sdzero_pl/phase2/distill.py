@@ -1,4 +1,4 @@
-"""Phase 2 of SD-Zero: on-policy self-distillation of the Reviser into the Generator (SPEC "Phase 2").
+"""Phase 2 of SD-Zero: on-policy self-distillation of the Reviser into the Generator (docs/method.md, "Phase 2").
 
 Per optimizer step (the batch is built by :class:`~sdzero_pl.phase2.OnPolicyDataModule`):
 

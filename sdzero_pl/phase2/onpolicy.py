@@ -1,4 +1,4 @@
-"""On-policy DataModule for Phase 2 (SPEC "Phase 2", steps 1-3 and 5).
+"""On-policy DataModule for Phase 2 (docs/method.md, "Phase 2", steps 1-3 and 5).
 
 Every epoch (``reload_dataloaders_every_n_epochs=1``) it takes the next ``prompts_per_epoch`` questions, samples
 ONE completion per question from the student's CURRENT weights through the rollout backend, verifies it, picks

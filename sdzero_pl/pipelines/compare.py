@@ -1,4 +1,4 @@
-"""The paper's comparison table (SPEC "Results", Table 1) in one command, over several seeds.
+"""The paper's comparison table (docs/method.md, "Results", Table 1) in one command, over several seeds.
 
     python -m sdzero_pl.compare [--out runs/compare] [--seeds 0 1 2] [--methods base rft grpo ...]
                                 [--suite demo|qwen] [--jobs N] [--k 4] [--threads 1] [--<method>-arg FLAG ...]

@@ -1,4 +1,4 @@
-"""Staleness of the rollout engine (SPEC "Pitfalls": vLLM weights not refreshed).
+"""Staleness of the rollout engine (docs/method.md, "Pitfalls": vLLM weights not refreshed).
 
 ``rollout/logprob_gap`` = mean |engine log-prob - trainer log-prob| of the sampled tokens. The engine returns the
 log-prob of each token it sampled (raw logits: no temperature / top-p); the trainer recomputes it with the

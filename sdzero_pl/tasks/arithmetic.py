@@ -201,7 +201,7 @@ def write_jsonl(problems: list[Problem], path: str | Path) -> Path:
 
 
 # Neutral "look again" interjections for the base model's retry examples (see `retry_example`). They say nothing
-# about whether the first attempt was right and share no wording with SD-Zero's control phrases (SPEC.md), so the
+# about whether the first attempt was right and share no wording with SD-Zero's control phrases (docs/method.md), so the
 # base model learns only "after an interjection, solve the problem again"; which phrase signals what is left for
 # Phase 1 (self-revision training) to teach.
 RETRY_PHRASES = (

@@ -1,4 +1,4 @@
-"""Math reward (SPEC "Data and verification"): the LAST ``\\boxed{...}`` of the completion, compared with the
+"""Math reward (docs/method.md, "Data and verification"): the LAST ``\\boxed{...}`` of the completion, compared with the
 reference answer by math-verify, gold first: ``verify(parse(gold), parse(pred))``.
 
 math-verify's own timeouts use SIGALRM and only work in the main thread, so they are switched off here and the

@@ -1,4 +1,4 @@
-"""Code questions (x, a) for the code domain: a = the problem's example tests (SPEC "Data and verification").
+"""Code questions (x, a) for the code domain: a = the problem's example tests (docs/method.md, "Data and verification").
 
 Reads ``open-r1/codeforces-cots`` rows (``prompt``, ``examples`` = [{"input", "output"}], ``id``; the default
 field names) and LiveCodeBench-style rows (``question_content``, ``public_test_cases`` as a JSON string with a

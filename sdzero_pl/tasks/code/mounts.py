@@ -1,4 +1,4 @@
-"""The file system a sandboxed program sees (code reward, SPEC "Data and verification"): its run's mount namespace.
+"""The file system a sandboxed program sees (code reward, docs/method.md "Data and verification"): its run's mount namespace.
 
 Built by the run's launcher right after it entered its new namespaces (as root, or in its own user namespace when
 not root), before anything of the program runs:

@@ -1,4 +1,4 @@
-"""Code reward (SPEC "Data and verification"): 1 only if the completion's program passes every test of the problem.
+"""Code reward (docs/method.md, "Data and verification"): 1 only if the completion's program passes every test of the problem.
 
 - Extraction: the LAST fenced code block whose language is known (``python``/``py``/``python3``, ``cpp``/``c++``;
   an untagged block is Python), after any ``<think>...</think>`` section. No block: reward 0.
@@ -120,7 +120,7 @@ class CodeReward(Verifier):
     ) -> None:
         """
         Args:
-            time_limit_s: wall-clock seconds per test (SPEC: 2 s); CPU time is capped one second later.
+            time_limit_s: wall-clock seconds per test (paper: 2 s); CPU time is capped one second later.
             memory_mb: address-space limit of a running program, MiB (RLIMIT_AS).
             max_output_bytes: stdout a test may produce; more kills the run (reward 0).
             num_workers: programs verified at once (threads of the verifier process, each driving one sandbox).

@@ -1,4 +1,4 @@
-"""A process sandbox for model-written programs (the code reward of SPEC "Data and verification").
+"""A process sandbox for model-written programs (the code reward of docs/method.md, "Data and verification").
 
 Every run is a fresh process tree in its own session with resource limits (CPU, address space, file size, processes,
 open files, no core dumps), a scrubbed environment, stdin from a file, and stdout read with a cap. Where the OS
