@@ -103,11 +103,17 @@ def load_rows(source: str, config: str | None = None, split: str = "train") -> t
         if suffix == ".parquet":
             import datasets
 
-            return list(datasets.load_dataset("parquet", data_files=source, split="train")), source
-        return _read_json_rows(source), source
-    import datasets
+            rows, name = list(datasets.load_dataset("parquet", data_files=source, split="train")), source
+        else:
+            rows, name = _read_json_rows(source), source
+    else:
+        import datasets
 
-    return list(datasets.load_dataset(source, config, split=split)), f"{source}[{config or 'default'}:{split}]"
+        rows = list(datasets.load_dataset(source, config, split=split))
+        name = f"{source}[{config or 'default'}:{split}]"
+    if not rows:
+        raise DataError(f"{name}: the dataset is empty (no rows)")
+    return rows, name
 
 
 def _read_json_rows(path: str) -> list[dict]:

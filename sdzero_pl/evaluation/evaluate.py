@@ -23,8 +23,10 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from sdzero_pl.core.artifacts import atomic_write_json, atomic_write_text, read_manifest, write_manifest
 from sdzero_pl.core.models import load_model, load_tokenizer
 from sdzero_pl.core.prompts import ControlPhrases, control_text, encode_prompts, stop_token_ids
 from sdzero_pl.core.sequences import strip_stop
@@ -223,14 +225,22 @@ def evaluate_questions(model: torch.nn.Module, tokenizer, questions: Sequence[Qu
 def write_results(results: dict[str, dict[str, float]], directory: str, stage: str,
                   settings: dict[str, Any]) -> tuple[str, str]:
     """``eval_<stage>.json`` (raw fractions + the settings used) and ``eval_<stage>.md`` (the table)."""
-    os.makedirs(directory, exist_ok=True)
     json_path, md_path = os.path.join(directory, f"eval_{stage}.json"), os.path.join(directory, f"eval_{stage}.md")
     clean = {b: {k: (None if math.isnan(v) else v) for k, v in row.items()} for b, row in results.items()}
-    with open(json_path, "w", encoding="utf-8") as handle:
-        json.dump({"settings": settings, "results": clean}, handle, indent=2)
-    with open(md_path, "w", encoding="utf-8") as handle:
-        handle.write(markdown_table(results))
+    atomic_write_json(json_path, {"settings": settings, "results": clean})
+    atomic_write_text(md_path, markdown_table(results))
     return json_path, md_path
+
+
+def record_complete(directory: str, stage: str) -> None:
+    """Mark the evaluation in ``directory`` as finished (:func:`~sdzero_pl.core.artifacts.is_complete`): a manifest
+    of its result and sample files, written last (those of an earlier stage in the same directory are kept)."""
+    earlier = read_manifest(directory)
+    names = {name for name in (earlier["files"] if earlier else {}) if os.path.isfile(os.path.join(directory, name))}
+    names |= {name for name in os.listdir(directory)
+              if name in (f"eval_{stage}.json", f"eval_{stage}.md") or
+              (name.startswith(f"samples_{stage}_rank") and name.endswith(".jsonl"))}
+    write_manifest(directory, "evaluation", sorted(names))
 
 
 def check_sampling(num_samples: int, pass_k: Sequence[int], prefix: str) -> None:
@@ -339,13 +349,16 @@ class EvalModule(L.LightningModule):
             values = {f"{stage}/{bench}/{k}": v for k, v in row.items() if not math.isnan(v)}
             self.log_dict(values, batch_size=1)
         directory = self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
+        if self.hparams.save_samples:  # every rank's samples first, then the results, then the manifest
+            write_samples(self._records, os.path.join(directory, f"samples_{stage}_rank{self.global_rank}.jsonl"))
+        self.trainer.strategy.barrier("eval samples")
         if self.trainer.is_global_zero:
             hp = self.hparams
             settings = _settings(self.rollout, self.trainer.datamodule, model_name_or_path=hp.model_name_or_path,
                                  num_samples=hp.num_samples, pass_k=self.pass_k, revise=hp.revise, seed=hp.seed)
             write_results(results, directory, stage, settings)
-        if self.hparams.save_samples:
-            write_samples(self._records, os.path.join(directory, f"samples_{stage}_rank{self.global_rank}.jsonl"))
+            record_complete(directory, stage)
+            rank_zero_info(f"\n{hp.model_name_or_path}: {stage} results ({directory})\n\n{markdown_table(results)}")
         self.scores.reset()
 
     def on_validation_start(self) -> None:
@@ -368,7 +381,4 @@ class EvalModule(L.LightningModule):
 
 
 def write_samples(records: Sequence[SampleRecord], path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(asdict(record)) + "\n")
+    atomic_write_text(path, "".join(json.dumps(asdict(record)) + "\n" for record in records))

@@ -23,17 +23,21 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sdzero_pl.contracts import RolloutData, connect
+from sdzero_pl.core.artifacts import use_atomic_checkpoints
 from sdzero_pl.core.budget import BudgetLedger
-from sdzero_pl.core.losses import check_divergence, gathered_logits, normalised_sum, teacher_topk, topk_divergence
+from sdzero_pl.core.guard import guard_callbacks
+from sdzero_pl.core.losses import DIVERGENCES, gathered_logits, normalised_sum, teacher_topk, topk_divergence
 from sdzero_pl.core.models import (
-    check_dtypes, export_hf, export_path, hidden_states, load_model, load_policy, load_tokenizer, output_weight
+    EXPORT_KEY, check_dtypes, check_model_source, export_hf, export_path, hidden_states, load_model, load_policy,
+    load_tokenizer, output_weight
 )
 from sdzero_pl.core.optim import OptimArgs, optimizer_for
 from sdzero_pl.core.sequences import select_targets
 from sdzero_pl.core.sharding import gather_state_dict, shard_fsdp2, wrap_fsdp1
+from sdzero_pl.phase1.handoff import read_handoff
 
 PHASE2_OPTIM = OptimArgs(lr=5e-6, warmup_steps=20)
 
@@ -73,8 +77,13 @@ class SelfDistillModule(L.LightningModule):
             raise ValueError(f"`--model.top_k` must be >= 1, got {top_k}")
         if chunk_size < 1:
             raise ValueError(f"`--model.chunk_size` must be >= 1, got {chunk_size}")
-        check_divergence(divergence, forward_weight)
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"`--model.divergence` must be one of {DIVERGENCES}, got {divergence!r}")
+        if not 0.0 <= forward_weight <= 1.0:
+            raise ValueError(f"`--model.forward_weight` must be in [0, 1], got {forward_weight}")
         check_dtypes(dtype)
+        if teacher_name_or_path:
+            check_model_source(teacher_name_or_path, "--model.teacher_name_or_path")
         self.save_hyperparameters()
         self.optim = OptimArgs.hold(self, optim)
         self.chunk_size = chunk_size
@@ -84,6 +93,7 @@ class SelfDistillModule(L.LightningModule):
         self.sharding: str | None = None  # None (single device / DDP), "fsdp1" or "fsdp2"
         self.budget = {"generations": 0, "tokens": 0}  # Phase-2 rollouts generated so far, all ranks
         self.data: RolloutData | None = None
+        self.resumed_export: str | None = None  # where the run this one resumes exports (from its checkpoint)
 
     @property
     def start_model(self) -> str:
@@ -92,6 +102,19 @@ class SelfDistillModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":  # the data module samples from this module's student and checks its hand-off record
             self.data = connect(self, self.trainer.datamodule, RolloutData)
+            use_atomic_checkpoints(self.trainer)
+            if self._start_budget() is None:  # reported, not skipped: the export's budget.json will lack Phase 1
+                report = rank_zero_warn if read_handoff(self.start_model) is not None else rank_zero_info
+                report(f"`--model.model_name_or_path` {self.start_model!r} has no budget.json: the exported "
+                       "budget.json counts Phase 2's rollouts only")
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return guard_callbacks(self)  # non-finite loss / gradients / weights stop training, nothing is exported
+
+    def _start_budget(self) -> str | None:
+        """The sample ledger of the student's start model (the Phase-1 generations that made it), if it has one."""
+        path = os.path.join(self.start_model, "budget.json")
+        return path if os.path.isfile(path) else None
 
     # ------------------------------------------------------------------------------------------------ models
     def configure_model(self) -> None:
@@ -100,7 +123,7 @@ class SelfDistillModule(L.LightningModule):
         hp = self.hparams
         self.policy = load_policy(hp.model_name_or_path, hp.dtype, hp.gradient_checkpointing)
         if hp.teacher_name_or_path:
-            self.teacher = load_model(hp.teacher_name_or_path, hp.dtype)
+            self.teacher = load_model(hp.teacher_name_or_path, hp.dtype, flag="--model.teacher_name_or_path")
         else:
             self.teacher = copy.deepcopy(self.policy)
         self.teacher.eval()
@@ -212,9 +235,11 @@ class SelfDistillModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["sdzero_budget"] = dict(self.budget)  # a resumed run keeps counting from here
+        checkpoint[EXPORT_KEY] = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.budget = dict(checkpoint.get("sdzero_budget", {"generations": 0, "tokens": 0}))
+        self.resumed_export = checkpoint.get(EXPORT_KEY)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if self.sharding == "fsdp1" and gradient_clip_val:  # Lightning's FSDP1 plugin cannot clip by norm itself
@@ -231,15 +256,19 @@ class SelfDistillModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- export
     def on_train_end(self) -> None:
-        path = export_path(self.trainer, self.hparams.export_dir)
+        path = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
         # sharded: full tensors gathered one at a time, kept on rank 0 only (no second full copy on other ranks)
         state = gather_state_dict(self.policy) if self.sharding else None
         if self.trainer.is_global_zero:
-            export_hf(self.policy, self.tokenizer, path, state_dict=state)
-            ledger = BudgetLedger(os.path.join(path, "budget.json"))
-            start_budget = os.path.join(self.hparams.model_name_or_path, "budget.json")
-            if os.path.isfile(start_budget):  # the Phase-1 generations that made the student's start
-                ledger.merge(start_budget)
-            ledger.set("phase2/rollout", self.budget["generations"], self.budget["tokens"])
-            rank_zero_info(f"student saved as a Hugging Face model in {path}; sample budget: {ledger.summary()}")
+            summary = []
+
+            def write_budget(directory) -> None:  # inside the export, before it is published
+                ledger = BudgetLedger(os.path.join(directory, "budget.json"))
+                if self._start_budget() is not None:  # the Phase-1 generations that made the student's start
+                    ledger.merge(self._start_budget())
+                ledger.set("phase2/rollout", self.budget["generations"], self.budget["tokens"])
+                summary.append(ledger.summary())
+
+            export_hf(self.policy, self.tokenizer, path, state_dict=state, extra=write_budget)
+            rank_zero_info(f"student saved as a Hugging Face model in {path}; sample budget: {summary[0]}")
         self.trainer.strategy.barrier("export")
