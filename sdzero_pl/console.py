@@ -8,6 +8,7 @@
   jsonargparse's usage text and union-type dump; exit code 2, as argparse.
 * :func:`quiet`: Lightning's advertising tips and warnings that are expected here (the frozen teacher is in eval
   mode on purpose; the rank shards are iterable datasets with a length) are silenced.
+* :func:`advance_bar`: the evaluation's progress bar moves while a batch generates, not only between batches.
 """
 
 from __future__ import annotations
@@ -236,3 +237,23 @@ def quiet() -> None:
         logger.addFilter(_NoTips())
     for pattern in NOISE:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+def advance_bar(trainer, stage: str, position: float) -> None:
+    """Move the trainer's validation ("val") or test progress bar to ``position`` batches, a fraction inside the
+    current one: an evaluation batch generates for minutes, and Lightning's bar only moves between batches. Works
+    with Lightning's Rich and TQDM bars; no bar (disabled, a custom one): nothing."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, RichProgressBar):
+        task = bar.val_progress_bar_id if stage == "val" else bar.test_progress_bar_id
+        if bar.is_enabled and bar.progress is not None and task is not None:
+            bar.progress.update(task, completed=position)
+            bar.refresh()
+    elif isinstance(bar, TQDMProgressBar) and bar.is_enabled:
+        tqdm_bar = bar.val_progress_bar if stage == "val" else bar.test_progress_bar
+        if not tqdm_bar.disable:
+            tqdm_bar.n = round(position, 2)
+            tqdm_bar.refresh()

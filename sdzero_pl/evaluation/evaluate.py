@@ -19,13 +19,14 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from sdzero_pl.console import advance_bar
 from sdzero_pl.core.artifacts import atomic_write_json, atomic_write_text, read_manifest, write_manifest
 from sdzero_pl.core.models import load_model, load_tokenizer
 from sdzero_pl.core.prompts import ControlPhrases, control_text, encode_prompts, stop_token_ids
@@ -161,13 +162,15 @@ class Sampler:
         self.stop_ids, self.num_samples = list(stop_ids), num_samples
         self.phrases, self.revise_max_new_tokens = phrases, revise_max_new_tokens
 
-    def __call__(self, items: Sequence[EvalItem], system_prompt: str | None, seed: int,
-                 revise_seed: int) -> list[SampleRecord]:
+    def __call__(self, items: Sequence[EvalItem], system_prompt: str | None, seed: int, revise_seed: int,
+                 progress: Callable[[float], None] | None = None) -> list[SampleRecord]:
+        """``progress(fraction)`` is told how much of this batch's generation (samples, then revisions) is done."""
         n, tok = self.num_samples, self.tokenizer
         prompts = encode_prompts(tok, [item.text for item in items], system_prompt)
         repeated = [p for p in prompts for _ in range(n)]
         answers = [item.question.answer for item in items for _ in range(n)]
-        rollouts = self.rollout.generate(repeated, seed=seed, desc="eval samples")
+        tick = None if progress is None else _counter(len(repeated) * (1 if self.phrases is None else 2), progress)
+        rollouts = self.rollout.generate(repeated, seed=seed, desc="eval samples", on_progress=tick)
         texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
         rewards = self.reward(texts, answers).rewards
         records = [
@@ -176,10 +179,10 @@ class Sampler:
             for i, r in enumerate(rollouts)
         ]
         if self.phrases is not None:
-            self._revise(records, repeated, rollouts, answers, revise_seed)
+            self._revise(records, repeated, rollouts, answers, revise_seed, tick)
         return records
 
-    def _revise(self, records, prompts, rollouts, answers, seed: int) -> None:
+    def _revise(self, records, prompts, rollouts, answers, seed: int, tick: Callable[[int], None] | None) -> None:
         """Revision context: chat(x) + y' + "\\n\\n" + P_r + "\\n\\n", the delimiter tokenized on its own."""
         tok = self.tokenizer
         controls = {r: tok.encode(control_text(self.phrases, r), add_special_tokens=False) for r in (0.0, 1.0)}
@@ -188,12 +191,22 @@ class Sampler:
             for prompt, rollout, rec in zip(prompts, rollouts, records)
         ]
         revisions = self.rollout.generate(contexts, seed=seed, desc="eval revisions",
-                                          max_new_tokens=self.revise_max_new_tokens)
+                                          max_new_tokens=self.revise_max_new_tokens, on_progress=tick)
         texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in revisions]
         rewards = self.reward(texts, answers).rewards
         for rec, revision, text, reward in zip(records, revisions, texts, rewards):
             rec.revision_reward, rec.revision_tokens = reward, len(revision.completion_ids)
             rec.revision_truncated, rec.revision = revision.truncated, text
+
+
+def _counter(total: int, progress: Callable[[float], None]) -> Callable[[int], None]:
+    done = [0]
+
+    def tick(count: int) -> None:
+        done[0] += count
+        progress(min(done[0] / max(total, 1), 1.0))
+
+    return tick
 
 
 def evaluate_questions(model: torch.nn.Module, tokenizer, questions: Sequence[Question], *, rollout: RolloutBackend,
@@ -335,10 +348,11 @@ class EvalModule(L.LightningModule):
         self.scores = BenchmarkScores(data.benchmark_names, hp.num_samples, self.pass_k, hp.revise).to(self.device)
         self._records = []
 
-    def _step(self, batch: list[EvalItem], batch_idx: int) -> None:
+    def _step(self, batch: list[EvalItem], batch_idx: int, stage: str) -> None:
         seed, rank = self.hparams.seed, self.global_rank
         records = self._sampler(batch, self.trainer.datamodule.system_prompt, seed=rollout_seed(seed, batch_idx, rank),
-                                revise_seed=rollout_seed(seed + 1, batch_idx, rank))
+                                revise_seed=rollout_seed(seed + 1, batch_idx, rank),
+                                progress=lambda done: advance_bar(self.trainer, stage, batch_idx + done))
         self.scores.update(records)
         if self.hparams.save_samples:
             self._records.extend(records)
@@ -365,7 +379,7 @@ class EvalModule(L.LightningModule):
         self._begin()
 
     def validation_step(self, batch: list[EvalItem], batch_idx: int) -> None:
-        self._step(batch, batch_idx)
+        self._step(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._finish("val")
@@ -374,7 +388,7 @@ class EvalModule(L.LightningModule):
         self._begin()
 
     def test_step(self, batch: list[EvalItem], batch_idx: int) -> None:
-        self._step(batch, batch_idx)
+        self._step(batch, batch_idx, "test")
 
     def on_test_epoch_end(self) -> None:
         self._finish("test")

@@ -79,6 +79,31 @@ def bucket_shares(divergences: Sequence[float] | torch.Tensor, num_buckets: int 
     return [float(b.sum()) / total for b in buckets]
 
 
+def bucket_means(divergences: Sequence[float] | torch.Tensor, num_buckets: int = 20) -> list[float | None]:
+    """Mean D_t of each of the same buckets as :func:`bucket_shares` (highest D_t first): the absolute level, which the
+    shares hide (two classes with the same shares can differ by orders of magnitude). None for an empty bucket."""
+    if num_buckets < 1:
+        raise ValueError(f"`num_buckets` must be >= 1, got {num_buckets}")
+    values = torch.as_tensor(divergences, dtype=torch.float64).flatten()
+    if values.numel() == 0:
+        raise ValueError("bucket means need at least one token")
+    buckets = torch.tensor_split(values.sort(descending=True).values, num_buckets)
+    return [float(b.mean()) if b.numel() else None for b in buckets]
+
+
+def clamp_roundoff(values: torch.Tensor, tolerance: float, what: str = "D_t") -> torch.Tensor:
+    """A divergence computed in floating point can come out slightly below 0 (float32 KL terms: about -5e-7). Values
+    in [-tolerance, 0) become 0; a NaN, an infinity or a value below -tolerance is real corruption and raises,
+    naming how many values are bad and the worst one."""
+    finite = torch.isfinite(values)
+    bad = ~finite | (values < -tolerance)
+    if bool(bad.any()):
+        worst = values[bad][0].item() if not bool(finite.all()) else values.min().item()
+        raise ValueError(f"{int(bad.sum())} of {values.numel()} {what} values are not finite or below "
+                         f"-{tolerance:g} (e.g. {worst:.6g}): the scores are corrupted, not rounded")
+    return values.clamp(min=0.0)
+
+
 def mean_bucket_shares(responses: Sequence[Sequence[float]], num_buckets: int = 20) -> list[float]:
     """Per-response bucket shares averaged over responses (each response weighs the same). Responses with fewer
     tokens than buckets are left out: their shares would be padded with empty buckets."""

@@ -12,12 +12,12 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import BenchmarkEval, RolloutBehaviourLogger, SelfLocalizationLogger
-from callbacks.self_localization import Response, Scored, bucket_report, render_html, render_tensorboard_text
 from sdzero_pl.core.losses import naive_topk_divergence
 from sdzero_pl.core.optim import OptimArgs
 from sdzero_pl.core.sequences import build_distill_example, collate_distill, position_ids
 from sdzero_pl.data.questions import QuestionSource
 from sdzero_pl.evaluation.evaluate import EvalDataModule
+from sdzero_pl.evaluation.localization import Response, Scored, bucket_report, render_html, render_tensorboard_text
 from sdzero_pl.phase2.distill import SelfDistillModule
 from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
 from sdzero_pl.rollout import HFRollout
@@ -66,7 +66,7 @@ def test_scores_match_a_naive_full_vocab_reference(tiny_model_dir):
     controls = {0.0: [30, 31], 1.0: [32]}
     examples = [build_distill_example(r.prompt_ids, r.completion_ids, controls[r.reward], [2], 64) for r in responses]
     batch = collate_distill(examples, pad_id=0)
-    scored = SelfLocalizationLogger._score_batch(module, batch, responses)
+    scored = SelfLocalizationLogger._score_batch(module, batch, responses, 1e-4)
 
     def full_logits(model, role):
         mask = batch[f"{role}_attention_mask"]

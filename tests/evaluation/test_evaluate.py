@@ -127,7 +127,7 @@ class ScriptedRollout(RolloutBackend):
     def setup(self, policy, tokenizer, stop_ids) -> None:
         pass
 
-    def generate(self, prompt_ids, seed, desc="generate", max_new_tokens=None) -> list[Rollout]:
+    def generate(self, prompt_ids, seed, desc="generate", max_new_tokens=None, on_progress=None) -> list[Rollout]:
         self.calls.append({"prompts": [list(p) for p in prompt_ids], "seed": seed, "max_new_tokens": max_new_tokens})
         return [split_at_stop(ids, self.stop_ids) for ids in self.scripts[len(self.calls) - 1]]
 
