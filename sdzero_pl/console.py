@@ -197,7 +197,7 @@ class SDZeroParser(LightningArgumentParser):
         if debug() or not self.exit_on_error:
             return super().error(message, ex)
         argv = sys.argv[1:] if _ARGV is None else _ARGV
-        command = " ".join([self.prog.split(" ")[0], *argv[:1]]) if argv and not argv[0].startswith("-") else self.prog
+        command = " ".join(["python main.py", *argv[:1]]) if argv and not argv[0].startswith("-") else "python main.py"
         sys.stderr.write(f"error: {condense_parse_error(message, argv)}\n"
                          f"(`{command} --help` lists the arguments; SDZERO_DEBUG=1 shows the parser's full message)\n")
         sys.exit(2)

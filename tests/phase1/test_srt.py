@@ -249,6 +249,22 @@ def test_empty_trace_file_is_a_clear_error(tmp_path, tiny_model_dir, questions_f
         fit(tmp_path, tiny_model_dir, questions_file, str(empty))
 
 
+def test_the_tiny_config_collects_real_traces_and_trains_on_them(tmp_path, monkeypatch):
+    """configs/tiny/srt.yaml starts from the shipped arithmetic model, which is right about half the time: the
+    collection keeps verified traces (min_traces 4 makes none an error) and the export differs from the start."""
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    main(["fit", "--config", str(CONFIGS / "tiny" / "srt.yaml"), f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+    traces = [json.loads(line) for line in (tmp_path / "srt_data" / "traces.jsonl").read_text().splitlines()]
+    kept = [t for t in traces if t["kind"] == "trace" and t["revision_reward"] == 1.0]
+    assert len(kept) >= 4, f"{len(kept)} traces"
+    start = AutoModelForCausalLM.from_pretrained(CONFIGS.parent / "checkpoints" / "tiny-arith")
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model")
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, dict(start.named_parameters())[n])]
+    assert changed, "the exported SRT model is the base model: nothing was trained"
+    assert json.loads((tmp_path / "hf_model" / "budget.json").read_text())["total"]["generations"] == 16 * 4
+
+
 @pytest.mark.parametrize("config", ["qwen_srt.yaml", "olmo_srt.yaml", "tiny/srt.yaml"])
 def test_configs_parse(config, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["main.py"])  # LightningCLI reads `args` only

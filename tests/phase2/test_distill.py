@@ -150,6 +150,24 @@ def test_resume_restores_student_teacher_optimizer_and_data_position(tmp_path, t
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"{role}.{name}")
 
 
+def test_a_resumed_run_exports_where_the_run_it_resumes_exports(tmp_path, tiny_model_dir, questions_file):
+    def fit(root, epochs, ckpt_path=None):
+        module = SelfDistillModule(tiny_model_dir, dtype="float32", top_k=8, optim=OptimArgs(lr=1e-2))
+        data = OnPolicyDataModule(QuestionSource(questions_file, id_field="id"), prompts_per_epoch=4, batch_size=4,
+                                  max_teacher_len=96, rollout=HFRollout(max_new_tokens=8, show_progress=False))
+        trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, reload_dataloaders_every_n_epochs=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+
+    fit(tmp_path / "first", 1)
+    first = json.loads((tmp_path / "first" / "hf_model" / "budget.json").read_text())
+    fit(tmp_path / "elsewhere", 2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))  # another default_root_dir
+    assert not (tmp_path / "elsewhere" / "hf_model").exists()
+    resumed = json.loads((tmp_path / "first" / "hf_model" / "budget.json").read_text())
+    assert (first["total"]["generations"], resumed["total"]["generations"]) == (4, 8)
+
+
 @pytest.mark.parametrize("kwargs, flag", [({"top_k": 0}, "top_k"), ({"divergence": "js"}, "divergence"),
                                            ({"optim": {"schedule": "step"}}, "optim.schedule"),
                                            ({"dtype": "int8"}, "dtype")])
