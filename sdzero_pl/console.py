@@ -222,6 +222,7 @@ NOISE = (
     r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen teacher / reference, by design
     r"Your `IterableDataset` has `__len__` defined",  # RankShard: a fixed list per rank, the length is exact
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning, with torch 2.13
+    r"LightningCLI's args parameter is intended to run from within Python",  # the pipelines call the CLI in-process
 )
 
 

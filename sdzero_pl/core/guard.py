@@ -164,7 +164,7 @@ class DivergenceGuard(L.Callback):
                 for p in (cb.last_model_path, cb.best_model_path) if p]
         where = (f"the last good checkpoint is kept: {kept[0]}" if kept else "no checkpoint was saved before it")
         raise DivergenceError(f"training diverged: {what} (epoch {trainer.current_epoch}); nothing was exported, "
-                              f"{where}. Lower `--model.optim.lr` or set `--trainer.gradient_clip_val`.")
+                              f"{where}. Lower `--model.optim.lr` or clip gradients (`--trainer.gradient_clip_val`).")
 
     # ------------------------------------------------------------------------------------------ optional
     def _check_loss(self, trainer: L.Trainer, loss: float, step: int) -> None:

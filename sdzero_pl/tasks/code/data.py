@@ -48,6 +48,8 @@ def load_code_questions(
         id_field: column with the problem id (LiveCodeBench ``question_id``); None numbers the rows.
     """
     rows, name = _load_table(source, config, split)
+    if len(rows) == 0:
+        raise DataError(f"{name}: the dataset is empty (no rows)")
     for field_name in (prompt_field, tests_field, id_field):
         if field_name is not None and field_name not in rows.column_names:
             raise DataError(f"{name}: no column {field_name!r} (columns: {rows.column_names})")
