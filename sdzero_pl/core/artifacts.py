@@ -133,12 +133,13 @@ def manifest_entries(directory: Path, names: list[str] | None = None) -> dict[st
             for name in names}
 
 
-def write_manifest(directory: str | os.PathLike, kind: str, names: list[str] | None = None) -> Path:
+def write_manifest(directory: str | os.PathLike, kind: str, names: list[str] | None = None, sync: bool = True) -> Path:
     """Record ``directory`` as complete: the manifest lists ``names`` (default every file) with size and sha256. It
-    is written atomically and LAST, after the files it lists were made durable; :func:`is_complete` reads it."""
+    is written atomically and LAST, after the files it lists were made durable (``sync=False``: the caller syncs
+    them itself, as :func:`staged_dir` does before publishing); :func:`is_complete` reads it."""
     directory = Path(directory)
     entries = manifest_entries(directory, names)
-    for name in entries:
+    for name in entries if sync else ():
         _fsync_file(directory / name)
     return atomic_write_json(directory / MANIFEST, {"format": FORMAT_VERSION, "kind": kind, "files": entries})
 
@@ -202,7 +203,7 @@ def staged_dir(path: str | os.PathLike, kind: str) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        write_manifest(tmp, kind)
+        write_manifest(tmp, kind, sync=False)  # _publish fsyncs every file, the manifest included
         _publish(tmp)
         old = None
         if path.exists() or path.is_symlink():

@@ -17,8 +17,9 @@ the control on phase2, the baselines on ``data/train.jsonl``, the union of both 
 the paper trains its baselines on questions of the same pool; each config's header gives its generation budget.
 
 Layout: ``<out>/seed<s>/<method>/`` (``hf_model``, logs, ``eval/heldout``), the same as the demo's for srt and
-sdzero; each step's output goes to ``<out>/seed<s>/<method>.log``. A finished step is reused (delete its folder to
-redo it), so an interrupted comparison continues where it stopped. ``--jobs N`` runs independent steps as N worker
+sdzero; each step's output goes to ``<out>/seed<s>/<method>.log``. A finished step (its directory complete:
+``is_complete``, the demo's check) is reused (delete its folder to redo it), so an interrupted comparison continues
+where it stopped. ``--jobs N`` runs independent steps as N worker
 processes (``python -m sdzero_pl.compare ... --only-step SEED:METHOD:KIND``); a failing step is reported with its
 log, the others go on, and the table is written once every step has succeeded.
 
