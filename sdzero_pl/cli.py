@@ -14,7 +14,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
-from sdzero_pl.console import SDZeroParser, parsing, quiet, short_errors
+from sdzero_pl.core.console import SDZeroParser, parsing, quiet, short_errors
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass fields are documented in --help
 
@@ -28,7 +28,7 @@ class SDZeroCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> SDZeroCLI:
     """The CLI; ``args`` replaces ``sys.argv[1:]`` (tests and the pipelines call it directly). Errors raise; a bad
-    flag or config key exits with a short message (:class:`~sdzero_pl.console.SDZeroParser`)."""
+    flag or config key exits with a short message (:class:`~sdzero_pl.core.console.SDZeroParser`)."""
     quiet()
     with parsing(args):
         return SDZeroCLI(

@@ -10,7 +10,7 @@ import pytest
 import transformers
 
 from sdzero_pl.cli import entry, main
-from sdzero_pl.console import condense_parse_error, root_cause, short_error
+from sdzero_pl.core.console import condense_parse_error, root_cause, short_error
 from sdzero_pl.data.questions import DataError
 
 SDZERO = "configs/tiny/sdzero.yaml"

@@ -26,8 +26,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from sdzero_pl.console import advance_bar
 from sdzero_pl.core.artifacts import atomic_write_json, atomic_write_text, read_manifest, write_manifest
+from sdzero_pl.core.console import advance_bar
 from sdzero_pl.core.models import load_model, load_tokenizer
 from sdzero_pl.core.prompts import ControlPhrases, control_text, encode_prompts, stop_token_ids
 from sdzero_pl.core.sequences import strip_stop

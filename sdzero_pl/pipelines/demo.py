@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from sdzero_pl.cli import main as cli
-from sdzero_pl.console import short_errors
 from sdzero_pl.core.artifacts import atomic_write_json, atomic_write_text, is_complete
+from sdzero_pl.core.console import short_errors
 from sdzero_pl.tasks.arithmetic import generate_split, write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
