@@ -11,7 +11,7 @@ with synthetic rows, and :func:`~sdzero_pl.data.questions.hub_mirrors` makes the
 The synthetic rows carry the real row counts (so ``skip_first`` / ``num_questions`` / pool sizes behave as on the
 cluster) and content the project's verifiers can grade: math questions "What is a + b?" with the answer, Codeforces
 and LiveCodeBench problems "print a + b" with stdin/stdout tests. Each question ends with a marker
-(:data:`ANSWER_MARK`, :data:`PROGRAM_MARK`) a scripted stand-in policy can read (``sdzero_pl.pipelines.dryrun``).
+(:data:`SOLUTION_MARK`, :data:`PROGRAM_MARK`) a scripted stand-in policy can read (``sdzero_pl.pipelines.standins``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 from sdzero_pl.data.questions import DataError
 
 SCHEMAS_FILE = Path(__file__).with_name("hub_schemas.json")
-ANSWER_MARK = "[dry-run answer: {answer}]"
+SOLUTION_MARK = "[dry-run solution: {solution}]"  # a worked solution both math verifiers accept
 PROGRAM_MARK = "[dry-run program: print a + b]"
 SUM_PROGRAM = "a, b = map(int, input().split())\nprint(a + b)\n"
 
@@ -146,7 +146,7 @@ def _content(schema: HubSchema, config: str, i: int, j: int) -> dict[str, Any]:
     row: dict[str, Any] = {}
     if schema.domain == "math":
         answer = str(a + b)
-        row[f["question"]] = f"What is {a} + {b}? " + ANSWER_MARK.format(answer=answer)
+        row[f["question"]] = f"What is {a} + {b}? " + SOLUTION_MARK.format(solution=math_solution(a, b))
         row[f["answer"]] = f"\\boxed{{{answer}}}" if schema.boxed_answers and j % 3 == 0 else answer
         if f.get("solution"):
             row[f["solution"]] = f"{a} + {b} = {answer}, so the answer is \\boxed{{{answer}}}."
@@ -181,6 +181,11 @@ def _content(schema: HubSchema, config: str, i: int, j: int) -> dict[str, Any]:
                 "platform": "leetcode" if functional else ("atcoder", "codeforces")[j % 2],
                 "starter_code": "class Solution:\n    def solve(self, a, b):\n" if functional else ""})
     return row
+
+
+def math_solution(a: int, b: int) -> str:
+    """The worked solution of "What is a + b?" in the form the math and the arithmetic verifiers accept."""
+    return f"{a}+{b}={a + b}. \\boxed{{{a + b}}}"
 
 
 def encode_private_tests(text: str) -> str:
@@ -228,6 +233,10 @@ def write_mirror(root: str | Path, schema: HubSchema, config: str | None, split:
     directory = Path(root) / slug(schema.name)
     directory.mkdir(parents=True, exist_ok=True)
     name = schema.config_for(config)
+    if not (name in schema.configs and split in schema.configs[name]) and not any(directory.glob("*/*.parquet")):
+        # nothing to serve, but ``datasets`` needs one config's files to read the README and refuse by name
+        name, split = min(((c, s) for c, splits in schema.configs.items() for s in splits),
+                          key=lambda cs: schema.configs[cs[0]][cs[1]])
     if name in schema.configs and split in schema.configs[name]:
         path = directory / slug(name) / f"{slug(split)}-00000-of-00001.parquet"
         if not path.exists():
@@ -235,7 +244,7 @@ def write_mirror(root: str | Path, schema: HubSchema, config: str | None, split:
             arrow = pa.schema([(column, arrow_type(parse_type(spec))) for column, spec in types.items()])
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            pq.write_table(pa.Table.from_pylist(synthetic_rows(schema, config, split), schema=arrow), tmp)
+            pq.write_table(pa.Table.from_pylist(synthetic_rows(schema, name, split), schema=arrow), tmp)
             tmp.rename(path)
     written = {p.parent.name for p in directory.glob("*/*.parquet")}
     lines = ["---", "configs:"]

@@ -217,27 +217,32 @@ class OnPolicyDataModule(L.LightningDataModule):
         """Bind the student's module; check its Phase-1 hand-off record and leave out Phase 1's questions."""
         self.module = require(module, DistillPolicy, type(self).__name__)
         handoff = None if self.hparams.ignore_handoff else read_handoff(module.start_model)
-        why = (f"{len(self.loaded):,} in the dataset; skip_first={self.source.skip_first}, "
-               f"skip_last={self.source.skip_last}, num_questions={self.source.num_questions}")
         if handoff is not None:
             reads_control = self.hparams.teacher_context == "revision"
             check_handoff(handoff, self.source, self.control if reads_control else None, module.start_model)
-        if handoff is not None and handoff.dataset == self.source.name:
-            self.questions = self._pool(set(handoff.question_ids))
-            why += f"; {len(handoff.question_ids):,} used by Phase 1 ({module.start_model}) left out"
-            rank_zero_info(f"{self.source.name}: {len(handoff.question_ids)} questions used by Phase 1 "
-                           f"({module.start_model}) left out, {len(self.questions)} remain")
+        phase1 = set(handoff.question_ids) if handoff is not None and handoff.dataset == self.source.name else set()
+        used = f"{len(phase1):,} used by Phase 1 ({module.start_model})" if phase1 else ""
+        if phase1:
+            self.questions = self._pool(phase1, used)
+            rank_zero_info(f"{self.source.name}: {len(phase1)} questions used by Phase 1 ({module.start_model}) "
+                           f"left out, {len(self.questions)} remain")
         if self.trainer is not None:
             steps = self.optimizer_steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
             check_question_pool(len(self.questions), self.hparams.prompts_per_epoch,
-                                planned_epochs(self.trainer, steps), self.source.name, why,
+                                planned_epochs(self.trainer, steps), self.source.name, self._why(used),
                                 self.hparams.reuse_questions)
 
-    def _pool(self, exclude: set[str]) -> list[Question]:
+    def _why(self, also: str = "") -> str:
+        """Where the dataset's questions went (error messages)."""
+        src = self.source
+        excluded = f", exclude_ids_file={src.exclude_ids_file}" if src.exclude_ids_file else ""
+        return (f"{len(self.loaded):,} in the dataset; skip_first={src.skip_first}, skip_last={src.skip_last}, "
+                f"num_questions={src.num_questions}{excluded}" + (f"; {also} left out" if also else ""))
+
+    def _pool(self, exclude: set[str], also: str = "") -> list[Question]:
         pool = self.source.select(self.loaded, self.hparams.seed, exclude)
         if not pool:
-            raise ValueError(f"{self.source.name}: no questions left after skip_first={self.source.skip_first} "
-                             f"and {len(exclude)} exclusions")
+            raise ValueError(f"{self.source.name}: no questions left for this run ({self._why(also)})")
         return pool
 
     def epoch_questions(self, epoch: int) -> list[Question]:
