@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -60,6 +61,7 @@ def dry_run(config: str, options: Options) -> Report:
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             _run(path, report, planner.run_dir)
     except Exception as error:  # the first problem ends the dry run; its message names the flag or the file
+        traceback.print_exc()  # where it happened, above the report
         report.problem = (_key_of(str(error)), f"{type(error).__name__}: {error}")
     finally:
         report.seconds = time.perf_counter() - start

@@ -328,13 +328,17 @@ class Planner:
         solutions = None
         if self.solutions:
             solutions = self.workdir / "data" / f"solutions_{_slug(self.config)}.json"
+            solutions.parent.mkdir(parents=True, exist_ok=True)
             solutions.write_text(json.dumps(self.solutions))
         for key, rollout in checks.rollouts(self.cfg):
             init = rollout.get("init_args") or {}
             new = min(init.get("max_new_tokens", 1024), self.options.max_new_tokens)
             if self.options.rollout == "vllm" and rollout["class_path"].endswith("VLLMRollout"):
                 changed = {"max_new_tokens": new, "dtype": "float32", "enforce_eager": True,
-                           "enable_sleep_mode": False, "max_model_len": 2048}
+                           "enable_sleep_mode": False, "max_model_len": None}  # None: the stand-in's own
+                # vLLM's CPU build cannot split a seeded batch's prefill into chunks ("CPU Generator does not use
+                # offset"): one large prefill budget avoids the split
+                changed["engine_kwargs"] = {**(init.get("engine_kwargs") or {}), "max_num_batched_tokens": 65536}
                 for name, value in changed.items():
                     if init.get(name) != value:
                         init[name] = self.report.replace(f"{key}.init_args.{name}", init.get(name), value)

@@ -115,3 +115,12 @@ def test_scripted_answers_come_from_markers_programs_or_known_rows():
     rollout.solutions = {"What is 13+14?": "The answer is \\boxed{27}."}
     assert rollout.answer("user: What is 13+14? Answer in \\boxed{}.") == "The answer is \\boxed{27}."
     assert rollout.answer("an unknown question") is None
+
+
+def test_any_hugging_face_directory_can_be_the_stand_in(tiny_model_dir, dryrun_workdir):
+    """The seam for a pretrained stand-in: ``--stand_in DIR`` replaces every model the config cannot run here."""
+    report = dry_run("configs/qwen_grpo.yaml", Options(stand_in=tiny_model_dir, steps=1, workdir=dryrun_workdir))
+    assert report.problem is None, report.text()
+    assert ("model.init_args.model_name_or_path", "Qwen/Qwen3-4B-Instruct-2507", tiny_model_dir) in report.replaced
+    missing = dry_run("configs/qwen_grpo.yaml", Options(stand_in="nowhere", workdir=dryrun_workdir)).problem
+    assert "`--stand_in`: 'nowhere' is neither 'tiny' nor a Hugging Face model directory" in missing[1]
