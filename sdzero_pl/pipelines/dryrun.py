@@ -48,6 +48,11 @@ def dry_run(config: str, options: Options) -> Report:
     report.subcommand = "validate" if str((raw.get("model") or {}).get("class_path", "")).endswith("EvalModule") \
         else "fit"
     hub = MirrorHub(options.workdir / "hub")
+    import torch
+
+    threads = torch.get_num_threads()
+    if options.stand_in == "tiny":
+        torch.set_num_threads(1)  # a 2-layer model gains nothing from more threads, and loses much on a busy CPU
     try:
         with hub_mirrors(hub):
             planner = Planner(config, raw, options, report, hub)
@@ -64,6 +69,7 @@ def dry_run(config: str, options: Options) -> Report:
         traceback.print_exc()  # where it happened, above the report
         report.problem = (_key_of(str(error)), f"{type(error).__name__}: {error}")
     finally:
+        torch.set_num_threads(threads)
         report.seconds = time.perf_counter() - start
     return report
 
