@@ -28,6 +28,8 @@ LARGE_MODEL_BYTES = 1 << 30  # a local model directory above this is replaced by
 
 @dataclass(frozen=True)
 class Options:
+    """The dry run's own settings (``python -m sdzero_pl.dryrun --help`` documents each)."""
+
     stand_in: str = "tiny"
     steps: int = 2
     workdir: Path = Path("runs/dryrun")
@@ -39,6 +41,8 @@ class Options:
 
 @dataclass
 class Report:
+    """What one dry run replaced, noticed and ran, and its first problem as (config key or None, message)."""
+
     config: str
     subcommand: str = "fit"
     replaced: list[tuple[str, Any, Any]] = field(default_factory=list)
