@@ -176,7 +176,8 @@ class SelfLocalizationLogger(L.Callback):
     def _sample(self, data: OnPolicyDataModule, pl_module: SelfDistillModule) -> list[Response]:
         tokenizer = pl_module.tokenizer
         questions = data.questions[: self.num_responses]
-        prompts = encode_prompts(tokenizer, [data.source.text(q) for q in questions], data.source.system_prompt)
+        prompts = encode_prompts(tokenizer, [data.source.text(q) for q in questions], data.source.system_prompt,
+                                 data.source.chat_template_kwargs)
         rollouts = data.rollout.generate(prompts, seed=self.seed, desc="self-localization responses",
                                          max_new_tokens=self.max_new_tokens)
         texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]

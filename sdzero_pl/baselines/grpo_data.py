@@ -19,7 +19,9 @@ from sdzero_pl.contracts import GroupPolicy, require
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.prompts import encode_prompts, stop_token_ids
 from sdzero_pl.core.rl_losses import group_advantages, zero_signal_groups
-from sdzero_pl.data.batching import RankShard, chunks, require_reload_every_epoch, step_totals
+from sdzero_pl.data.batching import (
+    RankShard, check_question_pool, chunks, planned_epochs, require_reload_every_epoch, step_totals
+)
 from sdzero_pl.data.questions import Question, QuestionSource, epoch_questions
 from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout, rollout_seed
 from sdzero_pl.tasks import MathReward, Verifier
@@ -42,6 +44,7 @@ class GroupRolloutDataModule(L.LightningDataModule):
         reward: Verifier | None = None,
         output_dir: str | None = None,
         seed: int = 0,
+        reuse_questions: bool = False,
     ) -> None:
         """
         Args:
@@ -60,6 +63,8 @@ class GroupRolloutDataModule(L.LightningDataModule):
             reward: the verifier (``class_path``); default the math reward. It also reads the questions.
             output_dir: ``budget.json`` goes here; default ``<default_root_dir>/grpo_data``.
             seed: seed of the question order (``questions.shuffle``) and of the rollout seed streams.
+            reuse_questions: let the run cycle through its questions when it needs more (``prompts_per_epoch`` x
+                epochs) than ``questions`` holds; false: an error at setup, with the numbers.
         """
         super().__init__()
         for flag, value in (("prompts_per_epoch", prompts_per_epoch), ("group_size", group_size),
@@ -97,6 +102,12 @@ class GroupRolloutDataModule(L.LightningDataModule):
 
     def connect(self, module: GroupPolicy) -> None:
         self.module = require(module, GroupPolicy, type(self).__name__)
+        if self.trainer is None:
+            return
+        steps = self.optimizer_steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
+        check_question_pool(len(self.questions), self.hparams.prompts_per_epoch, planned_epochs(self.trainer, steps),
+                            self.source.name, f"num_questions={self.source.num_questions}, "
+                            f"skip_first={self.source.skip_first}", self.hparams.reuse_questions)
 
     def epoch_questions(self, epoch: int) -> list[Question]:
         """The questions of one epoch (all ranks): the next ``prompts_per_epoch``, wrapping around the pool."""
@@ -128,7 +139,8 @@ class GroupRolloutDataModule(L.LightningDataModule):
             self.rollout.setup(module.policy, tokenizer, stops)
             self._bound = True
         questions = self.epoch_questions(epoch)[rank::world]
-        prompts = encode_prompts(tokenizer, [self.source.text(q) for q in questions], self.source.system_prompt)
+        prompts = encode_prompts(tokenizer, [self.source.text(q) for q in questions], self.source.system_prompt,
+                                 self.source.chat_template_kwargs)
         n = hp.group_size
         before_rollout(trainer, self.rollout, module.policy)  # e.g. the vLLM weight refresh
         start = time.perf_counter()

@@ -59,14 +59,14 @@ class SampleCollector:
 
     def __init__(self, rollout: RolloutBackend, reward: Verifier, *, instruction: str = "",
                  system_prompt: str | None = None, samples_per_question: int = 4, questions_per_chunk: int = 64,
-                 seed: int = 0) -> None:
+                 seed: int = 0, template_kwargs: dict | None = None) -> None:
         for flag, value in (("samples_per_question", samples_per_question), ("questions_per_chunk", questions_per_chunk)):
             if value < 1:
                 raise ValueError(f"`--data.{flag}` must be >= 1, got {value}")
         self.rollout, self.reward = rollout, reward
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.stop_ids: list[int] = []
-        self.instruction, self.system_prompt = instruction, system_prompt
+        self.instruction, self.system_prompt, self.template_kwargs = instruction, system_prompt, template_kwargs
         self.samples, self.chunk_size, self.seed = samples_per_question, questions_per_chunk, seed
 
     def bind(self, tokenizer: PreTrainedTokenizerBase, stop_ids: Sequence[int]) -> SampleCollector:
@@ -81,7 +81,9 @@ class SampleCollector:
     def settings(self, questions: Sequence[Question], extra: dict | None = None) -> dict:
         return collection_settings(questions, self.rollout, self.reward, self.chunk_size, self.seed,
                                    samples_per_question=self.samples, instruction=self.instruction,
-                                   system_prompt=self.system_prompt, **(extra or {}))
+                                   system_prompt=self.system_prompt,
+                                   **({"chat_template_kwargs": self.template_kwargs} if self.template_kwargs else {}),
+                                   **(extra or {}))
 
     def stop_reason(self, totals: dict[str, int]) -> str | None:
         return None  # every question is sampled
@@ -98,7 +100,8 @@ class SampleCollector:
     def collect_chunk(self, chunk: int, questions: Sequence[Question], first: int, source: str) -> list[dict]:
         """Sample k completions per question of one chunk, verify them; its sample, question and chunk lines."""
         tok, k = self.tokenizer, self.samples
-        prompts = [render_prompt(tok, q.question + self.instruction, self.system_prompt) for q in questions]
+        prompts = [render_prompt(tok, q.question + self.instruction, self.system_prompt, self.template_kwargs)
+                   for q in questions]
         prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
         seed = chunk_seed(self.seed, chunk, "rft")
         rollouts = self.rollout.generate([p for p in prompt_ids for _ in range(k)], seed=seed, desc=f"RFT chunk {chunk}")
@@ -244,6 +247,7 @@ class RFTDataModule(L.LightningDataModule):
         self.reward = reward or MathReward()
         self.collector = SampleCollector(self.rollout, self.reward, instruction=questions.instruction,
                                          system_prompt=questions.system_prompt,
+                                         template_kwargs=questions.chat_template_kwargs,
                                          samples_per_question=samples_per_question,
                                          questions_per_chunk=questions_per_chunk, seed=seed)
         self.questions: list[Question] | None = None

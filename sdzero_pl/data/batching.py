@@ -52,3 +52,25 @@ def require_reload_every_epoch(trainer, what: str) -> None:
     if trainer.reload_dataloaders_every_n_epochs != 1:
         raise ValueError(f"{what} every epoch: set `--trainer.reload_dataloaders_every_n_epochs=1`, got "
                          f"{trainer.reload_dataloaders_every_n_epochs}")
+
+
+def planned_epochs(trainer, steps_per_epoch: int) -> int | None:
+    """Epochs the trainer will run (``max_epochs``, or fewer when ``max_steps`` stops it first); None: unbounded."""
+    limits = []
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        limits.append(trainer.max_epochs)
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        limits.append(-(-trainer.max_steps // max(steps_per_epoch, 1)))
+    return min(limits) if limits else None
+
+
+def check_question_pool(pool: int, per_epoch: int, epochs: int | None, name: str, why: str, reuse: bool) -> None:
+    """Fail before any generation when a run would draw more new questions (``per_epoch`` x ``epochs``) than its
+    pool holds and would silently cycle through it; ``reuse`` allows that. ``why`` says where the pool went."""
+    if reuse or epochs is None or per_epoch * epochs <= pool:
+        return
+    raise ValueError(
+        f"{name}: {pool:,} questions left for this run ({why}), but it needs {epochs:,} epochs x "
+        f"`--data.prompts_per_epoch` {per_epoch:,} = {per_epoch * epochs:,} new questions: lower "
+        f"`--trainer.max_epochs` / `--trainer.max_steps` or `--data.prompts_per_epoch`, free more questions, or set "
+        "`--data.reuse_questions=true` to cycle through the pool")

@@ -77,6 +77,7 @@ class EvalDataModule(L.LightningDataModule):
         benchmark_overrides: dict[str, dict[str, Any]] | None = None,
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         max_questions: int | None = None,
         batch_size: int = 8,
     ) -> None:
@@ -89,6 +90,8 @@ class EvalDataModule(L.LightningDataModule):
                 ``{aime25: {source: math-ai/aime25, split: test}}``.
             instruction: text appended to every question.
             system_prompt: optional system message of the chat.
+            chat_template_kwargs: extra chat-template arguments, e.g. ``{enable_thinking: false}`` for hybrid-thinking
+                models (the paper evaluates in non-thinking mode); must be the training configs'.
             max_questions: keep only the first N questions of each benchmark (smoke tests); None = all.
             batch_size: questions per step (each sampled ``num_samples`` times).
         """
@@ -100,7 +103,7 @@ class EvalDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         # Read from attributes, not self.hparams: LightningCLI gives every data module it builds (also one nested
         # in a callback such as BenchmarkEval) the hparams of the top-level `data` entry.
-        self.instruction, self.system_prompt = instruction, system_prompt
+        self.instruction, self.system_prompt, self.chat_template_kwargs = instruction, system_prompt, chat_template_kwargs
         self.max_questions, self.batch_size = max_questions, batch_size
         entries = list(benchmarks) if benchmarks is not None else list(PAPER_BENCHMARKS)
         if not entries:
@@ -114,6 +117,7 @@ class EvalDataModule(L.LightningDataModule):
             raise ValueError(f"`--data.benchmark_overrides` names benchmarks that are not evaluated: {stray} "
                              f"(evaluated: {names})")
         self.items: list[EvalItem] | None = None
+        self.ungraded: dict[str, int] = {}  # per benchmark: questions left out, their answer kind cannot be graded
 
     @property
     def benchmark_names(self) -> list[str]:
@@ -124,7 +128,8 @@ class EvalDataModule(L.LightningDataModule):
         if self.items is None:
             items = []
             for bench in self.benchmarks:
-                questions = load_benchmark(bench)[: self.max_questions]
+                loaded = load_benchmark(bench)
+                questions, self.ungraded[bench.name] = loaded.questions[: self.max_questions], loaded.ungraded
                 if not questions:
                     raise ValueError(f"benchmark {bench.name!r} ({bench.source}) holds no questions")
                 items += [EvalItem(bench.name, q, q.question + self.instruction) for q in questions]
@@ -163,10 +168,12 @@ class Sampler:
         self.phrases, self.revise_max_new_tokens = phrases, revise_max_new_tokens
 
     def __call__(self, items: Sequence[EvalItem], system_prompt: str | None, seed: int, revise_seed: int,
-                 progress: Callable[[float], None] | None = None) -> list[SampleRecord]:
-        """``progress(fraction)`` is told how much of this batch's generation (samples, then revisions) is done."""
+                 progress: Callable[[float], None] | None = None,
+                 template_kwargs: dict[str, Any] | None = None) -> list[SampleRecord]:
+        """``progress(fraction)`` is told how much of this batch's generation (samples, then revisions) is done;
+        ``template_kwargs``: extra arguments of the chat template (e.g. ``enable_thinking``)."""
         n, tok = self.num_samples, self.tokenizer
-        prompts = encode_prompts(tok, [item.text for item in items], system_prompt)
+        prompts = encode_prompts(tok, [item.text for item in items], system_prompt, template_kwargs)
         repeated = [p for p in prompts for _ in range(n)]
         answers = [item.question.answer for item in items for _ in range(n)]
         tick = None if progress is None else _counter(len(repeated) * (1 if self.phrases is None else 2), progress)
@@ -272,6 +279,8 @@ def _settings(sampler_rollout: RolloutBackend, data: EvalDataModule, **extra: An
         "max_new_tokens": sampler_rollout.max_new_tokens,
         "benchmarks": {b.name: asdict(b) for b in data.benchmarks},
         "instruction": data.instruction,
+        "chat_template_kwargs": data.chat_template_kwargs,
+        "ungraded": dict(data.ungraded),
     }
 
 
@@ -345,14 +354,16 @@ class EvalModule(L.LightningModule):
             self.rollout.setup(self.policy, self.tokenizer, stops)
             self._sampler = Sampler(self.rollout, self.reward, self.tokenizer, stops, hp.num_samples,
                                     self.phrases if hp.revise else None, hp.revise_max_new_tokens)
-        self.scores = BenchmarkScores(data.benchmark_names, hp.num_samples, self.pass_k, hp.revise).to(self.device)
+        self.scores = BenchmarkScores(data.benchmark_names, hp.num_samples, self.pass_k, hp.revise,
+                                      [data.ungraded.get(n, 0) for n in data.benchmark_names]).to(self.device)
         self._records = []
 
     def _step(self, batch: list[EvalItem], batch_idx: int, stage: str) -> None:
-        seed, rank = self.hparams.seed, self.global_rank
-        records = self._sampler(batch, self.trainer.datamodule.system_prompt, seed=rollout_seed(seed, batch_idx, rank),
+        seed, rank, data = self.hparams.seed, self.global_rank, self.trainer.datamodule
+        records = self._sampler(batch, data.system_prompt, seed=rollout_seed(seed, batch_idx, rank),
                                 revise_seed=rollout_seed(seed + 1, batch_idx, rank),
-                                progress=lambda done: advance_bar(self.trainer, stage, batch_idx + done))
+                                progress=lambda done: advance_bar(self.trainer, stage, batch_idx + done),
+                                template_kwargs=data.chat_template_kwargs)
         self.scores.update(records)
         if self.hparams.save_samples:
             self._records.extend(records)

@@ -253,9 +253,13 @@ class RevisionStats(Metric):
 class BenchmarkScores(torch.nn.Module):
     """Per-benchmark torchmetrics (summed across ranks): avg@n, pass@k, length, truncation, revision stats."""
 
-    def __init__(self, names: Sequence[str], num_samples: int, pass_k: Sequence[int], revise: bool) -> None:
+    def __init__(self, names: Sequence[str], num_samples: int, pass_k: Sequence[int], revise: bool,
+                 ungraded: Sequence[int] | None = None) -> None:
+        """``ungraded``: per benchmark, the questions left out because their answers cannot be graded (reported in
+        the ``ungraded`` column, never scored)."""
         super().__init__()
         self.names, self.num_samples, self.pass_k, self.revise = list(names), num_samples, list(pass_k), revise
+        self.ungraded = list(ungraded) if ungraded is not None else [0] * len(self.names)
         self.metrics = torch.nn.ModuleDict({f"b{i}": self._metric_set() for i in range(len(self.names))})
 
     def _metric_set(self) -> torch.nn.ModuleDict:
@@ -297,7 +301,8 @@ class BenchmarkScores(torch.nn.Module):
             row = {f"avg@{self.num_samples}": float(m["avg"].compute()),
                    **{f"pass@{k}": float(m[f"pass{k}"].compute()) for k in self.pass_k},
                    "len_mean": float(m["len"].compute()), "truncated_frac": float(m["truncated"].compute()),
-                   "questions": float(m["questions"].compute()), "skipped": float(m["skipped"].compute())}
+                   "questions": float(m["questions"].compute()), "skipped": float(m["skipped"].compute()),
+                   "ungraded": float(self.ungraded[i])}
             if self.revise:
                 row.update({key: float(v) for key, v in m["revision"].compute().items()})
             results[name] = row
@@ -315,7 +320,7 @@ def average_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     out = {}
     for key in rows[0] if rows else []:
         values = [row[key] for row in rows if not math.isnan(row[key])]
-        if key in ("questions", "skipped"):
+        if key in COUNTS:
             out[key] = float(sum(values))
         else:
             out[key] = sum(values) / len(values) if values else float("nan")
@@ -323,6 +328,7 @@ def average_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 _PERCENT = ("avg@", "pass@", "_acc", "_rate", "_frac")
+COUNTS = ("questions", "skipped", "ungraded")  # summed over benchmarks, shown as integers
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:
@@ -337,7 +343,7 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
                 cells.append("-")
             elif any(tag in key for tag in _PERCENT):
                 cells.append(f"{100 * value:.1f}")
-            elif key in ("questions", "skipped"):
+            elif key in COUNTS:
                 cells.append(str(int(value)))
             else:
                 cells.append(f"{value:.1f}")

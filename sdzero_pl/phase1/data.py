@@ -200,7 +200,8 @@ class TraceDataModule(L.LightningDataModule):
         self.reward = reward or MathReward()
         self.collector = TraceCollector(  # checks its settings now; bound to the model's tokenizer at connect()
             self.rollout, self.reward, phrases=control.phrases, instruction=questions.instruction,
-            system_prompt=questions.system_prompt, inits_per_question=inits_per_question,
+            system_prompt=questions.system_prompt, template_kwargs=questions.chat_template_kwargs,
+            inits_per_question=inits_per_question,
             revisions_per_init=revisions_per_init, revise_correct=revise_correct, revise_wrong=revise_wrong,
             keep_incorrect=keep_incorrect, target_traces=target_traces, questions_per_chunk=questions_per_chunk,
             seed=seed)

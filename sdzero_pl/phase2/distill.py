@@ -67,8 +67,8 @@ class SelfDistillModule(L.LightningModule):
             divergence: "reverse" (paper Eq. 4), "forward" or "mixed" (reference code default).
             forward_weight: weight w of the forward KL in "mixed": w * forward + (1 - w) * reverse.
             chunk_size: tokens per chunk when computing teacher top-k and student logits (memory bound).
-            optim: AdamW and its schedule (paper's launch script: lr 5e-6; reference code: 20 warm-up steps, then
-                constant).
+            optim: AdamW and its schedule (paper's launch script: lr 5e-6; reference code: 20 warm-up steps from
+                0.1 x lr, then constant, weight decay 0.01: ``warmup_start: 0.1, weight_decay: 0.01``).
             gradient_checkpointing: recompute the student's activations in backward to save memory.
             export_dir: where the final HF model goes; default ``<default_root_dir>/hf_model``.
         """

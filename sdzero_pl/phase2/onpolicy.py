@@ -45,7 +45,9 @@ from torch.utils.data import DataLoader
 from sdzero_pl.contracts import DistillPolicy, require
 from sdzero_pl.core.prompts import ControlPhrases, control_text, encode_prompts, stop_token_ids
 from sdzero_pl.core.sequences import DistillExample, build_distill_example, build_prefixed_example, collate_distill
-from sdzero_pl.data.batching import RankShard, require_reload_every_epoch, split_steps, step_totals
+from sdzero_pl.data.batching import (
+    RankShard, check_question_pool, planned_epochs, require_reload_every_epoch, split_steps, step_totals
+)
 from sdzero_pl.data.questions import Question, QuestionSource, epoch_questions
 from sdzero_pl.phase1.handoff import check_handoff, read_handoff
 from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout, rollout_seed
@@ -145,6 +147,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         demonstration_template: str = DEMONSTRATION_TEMPLATE,
         reward_signal: str = "verified",
         ignore_handoff: bool = False,
+        reuse_questions: bool = False,
     ) -> None:
         """
         Args:
@@ -170,6 +173,9 @@ class OnPolicyDataModule(L.LightningDataModule):
                 permutation of the epoch's rewards on this rank; only with teacher_context "revision").
             ignore_handoff: do not check the start model's Phase-1 hand-off record (control phrases, instruction,
                 system prompt) and do not leave out its questions.
+            reuse_questions: let the run cycle through its question pool when it needs more questions
+                (``prompts_per_epoch`` x epochs) than the pool holds; false: that is an error at setup, with the
+                numbers (Phase 2 is meant to see new questions).
         """
         super().__init__()
         for flag, value, low in (("prompts_per_epoch", prompts_per_epoch, 1), ("batch_size", batch_size, 1),
@@ -211,20 +217,32 @@ class OnPolicyDataModule(L.LightningDataModule):
         """Bind the student's module; check its Phase-1 hand-off record and leave out Phase 1's questions."""
         self.module = require(module, DistillPolicy, type(self).__name__)
         handoff = None if self.hparams.ignore_handoff else read_handoff(module.start_model)
-        if handoff is None:
-            return
-        reads_control = self.hparams.teacher_context == "revision"
-        check_handoff(handoff, self.source, self.control if reads_control else None, module.start_model)
-        if handoff.dataset == self.source.name:
-            self.questions = self._pool(set(handoff.question_ids))
-            rank_zero_info(f"{self.source.name}: {len(handoff.question_ids)} questions used by Phase 1 "
-                           f"({module.start_model}) left out, {len(self.questions)} remain")
+        if handoff is not None:
+            reads_control = self.hparams.teacher_context == "revision"
+            check_handoff(handoff, self.source, self.control if reads_control else None, module.start_model)
+        phase1 = set(handoff.question_ids) if handoff is not None and handoff.dataset == self.source.name else set()
+        used = f"{len(phase1):,} used by Phase 1 ({module.start_model})" if phase1 else ""
+        if phase1:
+            self.questions = self._pool(phase1, used)
+            rank_zero_info(f"{self.source.name}: {len(phase1)} questions used by Phase 1 ({module.start_model}) "
+                           f"left out, {len(self.questions)} remain")
+        if self.trainer is not None:
+            steps = self.optimizer_steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
+            check_question_pool(len(self.questions), self.hparams.prompts_per_epoch,
+                                planned_epochs(self.trainer, steps), self.source.name, self._why(used),
+                                self.hparams.reuse_questions)
 
-    def _pool(self, exclude: set[str]) -> list[Question]:
+    def _why(self, also: str = "") -> str:
+        """Where the dataset's questions went (error messages)."""
+        src = self.source
+        excluded = f", exclude_ids_file={src.exclude_ids_file}" if src.exclude_ids_file else ""
+        return (f"{len(self.loaded):,} in the dataset; skip_first={src.skip_first}, skip_last={src.skip_last}, "
+                f"num_questions={src.num_questions}{excluded}" + (f"; {also} left out" if also else ""))
+
+    def _pool(self, exclude: set[str], also: str = "") -> list[Question]:
         pool = self.source.select(self.loaded, self.hparams.seed, exclude)
         if not pool:
-            raise ValueError(f"{self.source.name}: no questions left after skip_first={self.source.skip_first} "
-                             f"and {len(exclude)} exclusions")
+            raise ValueError(f"{self.source.name}: no questions left for this run ({self._why(also)})")
         return pool
 
     def epoch_questions(self, epoch: int) -> list[Question]:
@@ -253,7 +271,8 @@ class OnPolicyDataModule(L.LightningDataModule):
                              f"of ranks ({world})")
         tokenizer, stops = module.tokenizer, self.bind_rollout()
         questions = self.epoch_questions(epoch)[rank::world]
-        prompts = encode_prompts(tokenizer, [self.source.text(q) for q in questions], self.source.system_prompt)
+        prompts = encode_prompts(tokenizer, [self.source.text(q) for q in questions], self.source.system_prompt,
+                                 self.source.chat_template_kwargs)
         before_rollout(trainer, self.rollout, module.policy)  # e.g. the vLLM weight refresh
         start = time.perf_counter()
         rollouts = self.rollout.generate(prompts, seed=rollout_seed(hp.seed, epoch, rank),
@@ -309,7 +328,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         else:
             texts = [teacher_question(q, self.source.instruction, hp.teacher_context, hp.demonstration_template)
                      for q in questions]
-            prefixes = encode_prompts(tokenizer, texts, self.source.system_prompt)
+            prefixes = encode_prompts(tokenizer, texts, self.source.system_prompt, self.source.chat_template_kwargs)
         return [build_prefixed_example(prompt, prefix, rollout.completion_ids, hp.max_teacher_len)
                 for prompt, prefix, rollout in zip(prompts, prefixes, rollouts)]
 

@@ -35,8 +35,8 @@ def test_registry_holds_the_paper_benchmarks():
 
 
 def test_overrides_replace_adapter_fields_and_reject_unknown_ones():
-    bench = resolve_benchmark("aime25", {"aime25": {"source": "math-ai/aime25", "split": "test"}})
-    assert (bench.source, bench.split, bench.name) == ("math-ai/aime25", "test", "aime25")
+    bench = resolve_benchmark("aime25", {"aime25": {"source": "yentinglin/aime_2025", "split": "train"}})
+    assert (bench.source, bench.split, bench.name) == ("yentinglin/aime_2025", "train", "aime25")
     with pytest.raises(ValueError, match="unknown or fixed fields"):
         resolve_benchmark("aime25", {"aime25": {"colum": "x"}})
     with pytest.raises(ValueError, match="neither a known benchmark"):
@@ -47,7 +47,7 @@ def test_overrides_replace_adapter_fields_and_reject_unknown_ones():
 
 def test_hub_style_adapter_on_a_local_copy_normalises_integer_answers():
     bench = resolve_benchmark("aime24", {"aime24": {"source": str(FIXTURES / "aime_like.jsonl")}})
-    questions = load_benchmark(bench)
+    questions = load_benchmark(bench).questions
     assert [q.answer for q in questions] == ["25", "7", "204"]
     assert [q.id for q in questions] == ["60", "61", "62"]
 
@@ -56,7 +56,7 @@ def test_local_json_with_a_column_mapping_and_boxed_answers():
     path = str(FIXTURES / "solutions.json")
     bench = resolve_benchmark(path, {"solutions": {"question_field": "question", "answer_field": "solution",
                                                    "normalise": "boxed", "start": 1}})
-    questions = load_benchmark(bench)
+    questions = load_benchmark(bench).questions
     assert [q.answer for q in questions] == ["2", "3"]
     assert questions[1].question == "Name <b>three</b>."
 
