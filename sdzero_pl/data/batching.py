@@ -3,16 +3,55 @@
 An optimizer step's loss is the token mean over ALL its micro-batches on ALL ranks, so each micro-batch carries the
 valid-token count of its whole step (``global_tokens``; see :func:`sdzero_pl.core.losses.normalised_sum`). The
 helpers here cut a rank's examples into micro-batches and steps and count those tokens across ranks.
+
+Because of that token mean, ANY partition of a step's samples into micro-batches gives the same update. Length-aware
+micro-batching (:class:`Batching` ``mode="tokens"``, NeMo-RL's dynamic batching / verl's max tokens per GPU) uses
+this: each step keeps the samples fixed-count batching would give it (``batch_size x accumulate_grad_batches`` per
+rank), sorted by length and cut into micro-batches of at most ``max_tokens`` padded tokens. Every rank runs the same
+number of micro-batches per step (the most any step of any rank needs, padded with masked micro-batches), and the
+trainer's ``accumulate_grad_batches`` is set to that number for the epoch (as Lightning's own
+``GradientAccumulationScheduler`` sets it), so Lightning steps the optimizer exactly at the step boundaries.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Sequence, TypeVar
 
 import torch
 from torch.utils.data import IterableDataset
 
 T = TypeVar("T")
+
+BATCHING_MODES = ("count", "tokens")
+PAD = -1  # the index of a padding row in a planned micro-batch: context only, no target
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How each rank's samples of an optimizer step are cut into micro-batches (``--data.batching.*``). A step
+    always takes ``batch_size x accumulate_grad_batches`` samples per rank, so the mode never changes the update."""
+
+    mode: str = "count"
+    """"count": micro-batches of ``batch_size`` samples, each padded to its longest; "tokens": the step's samples
+    sorted by length and cut into micro-batches of at most ``max_tokens`` padded tokens (fewer, fuller micro-batches
+    with little padding; the trainer's accumulation is set each epoch to the micro-batches a step needs)."""
+    max_tokens: int = 16384
+    """"tokens" mode: padded tokens per micro-batch, rows x its longest sequence (Phase 2: the longer of the
+    student and teacher sequences). A longer sample gets a micro-batch of its own (counted in
+    ``train/over_budget``). Safe choice: ``batch_size`` x the longest sequence, never more than count mode's worst
+    micro-batch."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in BATCHING_MODES:
+            raise ValueError(f"`--data.batching.mode` must be one of {BATCHING_MODES}, got {self.mode!r}")
+        if self.max_tokens < 1:
+            raise ValueError(f"`--data.batching.max_tokens` must be >= 1, got {self.max_tokens}")
+
+    @classmethod
+    def of(cls, value: Batching | dict) -> Batching:
+        """``value`` as Batching (LightningCLI and checkpoints hand groups over as dicts)."""
+        return value if isinstance(value, cls) else cls(**value)
 
 
 class RankShard(IterableDataset):
@@ -52,3 +91,116 @@ def require_reload_every_epoch(trainer, what: str) -> None:
     if trainer.reload_dataloaders_every_n_epochs != 1:
         raise ValueError(f"{what} every epoch: set `--trainer.reload_dataloaders_every_n_epochs=1`, got "
                          f"{trainer.reload_dataloaders_every_n_epochs}")
+
+
+# ------------------------------------------------------------------------------------ length-aware micro-batches
+def min_micro_batches(lengths: Sequence[int], max_tokens: int) -> int:
+    """Fewest micro-batches of at most ``max_tokens`` padded tokens (rows x longest) holding these samples; a
+    sample longer than the budget alone. Greedy over the lengths sorted longest first, which is optimal: any
+    partition can be rearranged into consecutive runs of the sorted order without making any micro-batch larger."""
+    ordered = sorted(lengths, reverse=True)
+    count, i = 0, 0
+    while i < len(ordered):
+        i += max(1, max_tokens // ordered[i])
+        count += 1
+    return count
+
+
+def balanced_micro_batches(lengths: Sequence[int], count: int) -> list[list[int]]:
+    """Indices of the samples cut into exactly ``count`` micro-batches (``count <= len(lengths)``), consecutive
+    runs of the longest-first order, minimising the largest micro-batch's padded tokens (rows x longest)."""
+    n = len(lengths)
+    assert 1 <= count <= n, f"{count} micro-batches for {n} samples"
+    order = sorted(range(n), key=lambda i: (-lengths[i], i))
+    ordered = [lengths[i] for i in order]
+
+    def cut(limit: int) -> list[list[int]]:  # greedy runs of at most `limit` padded tokens, leaving a row per run
+        runs, i = [], 0
+        while i < n:
+            left = count - len(runs) - 1  # runs still to fill after this one
+            take = max(1, min(limit // ordered[i], n - i - left)) if left >= 0 else limit // ordered[i]
+            runs.append(order[i:i + take])
+            i += take
+        return runs
+
+    low, high = ordered[0], ordered[0] * n  # the longest sample alone .. everything in one micro-batch
+    while low < high:
+        middle = (low + high) // 2
+        if len(cut(middle)) <= count:
+            high = middle
+        else:
+            low = middle + 1
+    runs = cut(low)
+    assert len(runs) == count, f"planned {len(runs)} micro-batches, wanted {count}"
+    return runs
+
+
+@dataclass
+class StepPlan:
+    """One epoch's micro-batches of this rank, by optimizer step."""
+
+    steps: list[list[list[int]]]  # per step, its micro-batches: indices into the samples (PAD: a padding row)
+    micro_batches_per_step: int | None  # "tokens" mode: the trainer's accumulation for the epoch; None: unchanged
+    over_budget: int = 0  # samples longer than ``max_tokens`` (each alone in its micro-batch)
+
+
+class MicroBatcher:
+    """The micro-batch planner of a data module: remembers the accumulation the user gave the trainer (it sizes the
+    steps), re-cuts each step by tokens in "tokens" mode and sets the trainer's accumulation for the epoch."""
+
+    def __init__(self, batching: Batching | dict = Batching()) -> None:
+        self.batching = Batching.of(batching)
+        self.accumulate: int | None = None  # the user's accumulate_grad_batches: micro-batches of a count-mode step
+        self._trainer = None
+
+    def accumulation(self, trainer) -> int:
+        """Micro-batches of a count-mode step: the trainer's ``accumulate_grad_batches`` as the user set it (read the
+        first time this planner sees the trainer, before any plan changed it)."""
+        if self._trainer is not trainer:
+            self._trainer, self.accumulate = trainer, trainer.accumulate_grad_batches
+        return self.accumulate
+
+    def release(self, trainer) -> None:
+        """Call in ``teardown("fit")``: give the trainer its own accumulation back."""
+        if self._trainer is trainer and self.accumulate is not None:
+            trainer.accumulate_grad_batches = self.accumulate
+
+    def plan(self, trainer, steps: list[list[list[int]]], lengths: Sequence[int]) -> StepPlan:
+        """``steps``: count mode's steps of this rank (micro-batches of sample indices, PAD = padding row; the same
+        number of steps on every rank). "count": as given. "tokens": each step's samples re-cut by ``max_tokens``
+        into as many micro-batches as the fullest step of any rank needs (a collective), and the trainer's
+        ``accumulate_grad_batches`` set to that number."""
+        self.accumulation(trainer)
+        if self.batching.mode == "count":
+            return StepPlan(steps, None)
+        budget = self.batching.max_tokens
+        samples = [[i for mb in step for i in mb if i != PAD] for step in steps]
+        local = max((min_micro_batches([lengths[i] for i in s], budget) for s in samples), default=1)
+        count = max(1, int(trainer.strategy.reduce(torch.tensor(local, device=trainer.strategy.root_device),
+                                                   reduce_op="max")))
+        planned = []
+        for step in samples:
+            cut = min(count, len(step))
+            runs = balanced_micro_batches([lengths[i] for i in step], cut) if step else []
+            planned.append([[step[j] for j in run] for run in runs] + [[PAD]] * (count - cut))
+        trainer.accumulate_grad_batches = count
+        return StepPlan(planned, count, sum(lengths[i] > budget for s in samples for i in s))
+
+
+def padding_fraction(batches: Sequence[dict], mask_keys: Sequence[str]) -> float:
+    """Padded share of the token slots of collated micro-batches, over the given attention-mask keys."""
+    slots = sum(b[k].numel() for b in batches for k in mask_keys)
+    real = sum(int(b[k].sum()) for b in batches for k in mask_keys)
+    return 1.0 - real / slots if slots else 0.0
+
+
+def planned_padding(steps: Sequence[Sequence[Sequence[int]]], lengths: Sequence[int], pad_length: int) -> float:
+    """Padded share of the token slots of planned micro-batches (rows x longest each), from the sample lengths;
+    a PAD row is ``pad_length`` long."""
+    slots = real = 0
+    for step in steps:
+        for mb in step:
+            sizes = [lengths[i] if i != PAD else pad_length for i in mb]
+            slots += len(sizes) * max(sizes)
+            real += sum(sizes)
+    return 1.0 - real / slots if slots else 0.0

@@ -9,10 +9,12 @@ from transformers import AutoModelForCausalLM
 
 from callbacks import TeacherSync
 from sdzero_pl.core.optim import OptimArgs
+from sdzero_pl.data.batching import Batching
 from sdzero_pl.data.questions import QuestionSource
 from sdzero_pl.phase2.distill import SelfDistillModule
 from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
 from sdzero_pl.rollout import HFRollout
+from tests.helpers import LongTailRollout
 
 
 class CountingRollout(HFRollout):
@@ -26,11 +28,13 @@ class CountingRollout(HFRollout):
 
 
 def _fit(tmp_path, model_dir, questions, *, epochs=2, batch_size=4, accumulate=1, dtype="float32", callbacks=(),
-         rollout=None, ckpt_path=None, lr=1e-2, prompts=8, logger=False, **module_kwargs):
+         rollout=None, ckpt_path=None, lr=1e-2, prompts=8, logger=False, batching=Batching(), max_teacher_len=128,
+         **module_kwargs):
     module = SelfDistillModule(model_dir, dtype=dtype, top_k=8, optim=OptimArgs(lr=lr),
                                export_dir=str(tmp_path / "export"), **module_kwargs)
-    data = OnPolicyDataModule(QuestionSource(questions, id_field="id", shuffle=True), prompts_per_epoch=prompts, batch_size=batch_size,
-                              max_teacher_len=128, rollout=rollout or HFRollout(max_new_tokens=16, show_progress=False))
+    data = OnPolicyDataModule(QuestionSource(questions, id_field="id", shuffle=True), prompts_per_epoch=prompts,
+                              batch_size=batch_size, batching=batching, max_teacher_len=max_teacher_len,
+                              rollout=rollout or HFRollout(max_new_tokens=16, show_progress=False))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, reload_dataloaders_every_n_epochs=1,
         accumulate_grad_batches=accumulate, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
@@ -93,6 +97,37 @@ def test_microbatch_split_does_not_change_the_update_float64(tmp_path, tiny_mode
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+class MicroBatchShapes(L.Callback):
+    """The (rows, teacher length) of every micro-batch, and the trainer's accumulation while it trained."""
+
+    def __init__(self):
+        self.shapes, self.accumulate = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.shapes.append(tuple(batch["teacher_ids"].shape))
+        self.accumulate.append(trainer.accumulate_grad_batches)
+
+
+def test_length_aware_batching_gives_the_fixed_count_update_float64(tmp_path, tiny_model_dir, questions_file):
+    kwargs = dict(epochs=2, batch_size=2, accumulate=3, dtype="float64", prompts=12, max_teacher_len=256,
+                  rollout=LongTailRollout(max_new_tokens=48, temperature=1.0, show_progress=False))
+    fixed, fixed_trainer = _fit(tmp_path / "a", tiny_model_dir, questions_file, **kwargs)
+    shapes = MicroBatchShapes()
+    aware, trainer = _fit(tmp_path / "b", tiny_model_dir, questions_file, batching=Batching("tokens", 400),
+                          callbacks=[shapes], **kwargs)
+    assert trainer.global_step == fixed_trainer.global_step == 4  # 12 prompts / (2 x 3) = 2 steps per epoch
+    stats = trainer.datamodule.rollout_stats
+    assert stats["train/padding_frac"] < fixed_trainer.datamodule.rollout_stats["train/padding_frac"]
+    assert len({rows for rows, _ in shapes.shapes}) > 1  # micro-batches of different sizes
+    assert all(rows == 1 or rows * length <= 400 for rows, length in shapes.shapes)
+    assert set(shapes.accumulate) == {int(stats["train/micro_batches_per_step"])}  # set for the epoch
+    assert trainer.accumulate_grad_batches == 3  # the user's again after the fit
+    start = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).named_parameters())
+    for (name, a), (_, b) in zip(fixed.policy.named_parameters(), aware.policy.named_parameters()):
+        assert not torch.equal(a, start[name])
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=name)
+
+
 def test_padding_and_prompt_tokens_do_not_change_the_loss(tmp_path, tiny_model_dir, questions_file):
     module, trainer = _fit(tmp_path, tiny_model_dir, questions_file, epochs=1, dtype="float64", prompts=4)
     batch = trainer.datamodule._epoch_data.batches[0]
@@ -131,19 +166,23 @@ def test_removing_other_callbacks_does_not_change_the_weights(tmp_path, tiny_mod
         assert torch.equal(a, b)
 
 
-def test_resume_restores_student_teacher_optimizer_and_data_position(tmp_path, tiny_model_dir, questions_file):
-    straight, _ = _fit(tmp_path / "a", tiny_model_dir, questions_file, epochs=2,
-                       callbacks=[TeacherSync(every_n_steps=3)])
+@pytest.mark.parametrize("batching", [Batching(), Batching("tokens", 100)], ids=["count", "tokens"])
+def test_resume_restores_student_teacher_optimizer_and_data_position(tmp_path, tiny_model_dir, questions_file,
+                                                                     batching):
+    rollout = dict(max_new_tokens=16, show_progress=False)
+    straight, _ = _fit(tmp_path / "a", tiny_model_dir, questions_file, epochs=2, batching=batching,
+                       rollout=LongTailRollout(**rollout), callbacks=[TeacherSync(every_n_steps=3)])
     ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     module = SelfDistillModule(tiny_model_dir, dtype="float32", top_k=8, optim=OptimArgs(lr=1e-2),
                                export_dir=str(tmp_path / "e1"))
-    data = OnPolicyDataModule(QuestionSource(questions_file, id_field="id", shuffle=True), prompts_per_epoch=8, batch_size=4, max_teacher_len=128,
-                              rollout=HFRollout(max_new_tokens=16, show_progress=False))
+    data = OnPolicyDataModule(QuestionSource(questions_file, id_field="id", shuffle=True), prompts_per_epoch=8,
+                              batch_size=4, batching=batching, max_teacher_len=128, rollout=LongTailRollout(**rollout))
     first = L.Trainer(accelerator="cpu", max_epochs=1, reload_dataloaders_every_n_epochs=1, logger=False,
                       enable_progress_bar=False, callbacks=[ckpt_cb, TeacherSync(every_n_steps=3)])
     first.fit(module, data)
-    resumed, trainer = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=2,
-                            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), callbacks=[TeacherSync(every_n_steps=3)])
+    resumed, trainer = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=2, batching=batching,
+                            rollout=LongTailRollout(**rollout), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+                            callbacks=[TeacherSync(every_n_steps=3)])
     assert trainer.global_step == 4
     for role in ("policy", "teacher"):
         for (name, a), (_, b) in zip(getattr(straight, role).named_parameters(), getattr(resumed, role).named_parameters()):
