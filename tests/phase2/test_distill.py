@@ -1,5 +1,6 @@
 """SelfDistillModule + OnPolicyDataModule through a real Trainer on the tiny model."""
 
+import csv
 import json
 
 import lightning as L
@@ -29,15 +30,17 @@ class CountingRollout(HFRollout):
 
 def _fit(tmp_path, model_dir, questions, *, epochs=2, batch_size=4, accumulate=1, dtype="float32", callbacks=(),
          rollout=None, ckpt_path=None, lr=1e-2, prompts=8, logger=False, batching=Batching(), max_teacher_len=128,
-         **module_kwargs):
+         data_kwargs=None, log_every_n_steps=50, **module_kwargs):
     module = SelfDistillModule(model_dir, dtype=dtype, top_k=8, optim=OptimArgs(lr=lr),
                                export_dir=str(tmp_path / "export"), **module_kwargs)
     data = OnPolicyDataModule(QuestionSource(questions, id_field="id", shuffle=True), prompts_per_epoch=prompts,
                               batch_size=batch_size, batching=batching, max_teacher_len=max_teacher_len,
-                              rollout=rollout or HFRollout(max_new_tokens=16, show_progress=False))
+                              rollout=rollout or HFRollout(max_new_tokens=16, show_progress=False),
+                              **(data_kwargs or {}))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, reload_dataloaders_every_n_epochs=1,
-        accumulate_grad_batches=accumulate, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+        accumulate_grad_batches=accumulate, logger=logger, log_every_n_steps=log_every_n_steps,
+        enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=list(callbacks),
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
@@ -142,6 +145,38 @@ def test_padding_and_prompt_tokens_do_not_change_the_loss(tmp_path, tiny_model_d
     torch.testing.assert_close(module.distill_loss(wider)[0].detach(), base)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_identical_student_and_teacher_on_the_same_context_give_exactly_zero(tmp_path, tiny_model_dir,
+                                                                             questions_file, dtype):
+    # the teacher is synced to the student after every step and reads the student's own context ("question")
+    module, trainer = _fit(tmp_path, tiny_model_dir, questions_file, epochs=1, dtype=dtype, drift_every_n_steps=1,
+                           callbacks=[TeacherSync(every_n_steps=1)], data_kwargs={"teacher_context": "question"})
+    module.policy.eval()  # the teacher runs in eval mode; the student's dropout is 0 anyway
+    for batch in trainer.datamodule._epoch_data.batches:
+        loss, metrics, _ = module.distill_loss(batch)
+        assert float(loss) == 0.0 and float(metrics["train/kl_forward"]) == 0.0, dtype
+        assert float(metrics["train/kl_reverse"]) == 0.0
+        tolerance = 2e-2 if dtype == "bfloat16" else 1e-5  # the ids come from the full head in the weights' dtype
+        assert float(metrics["student/topk_mass"]) == pytest.approx(float(metrics["teacher/topk_mass"]),
+                                                                     abs=tolerance)
+
+
+def test_the_drift_monitor_logs_every_n_steps_and_the_tail_term_trains(tmp_path, tiny_model_dir, questions_file):
+    logger = L.pytorch.loggers.CSVLogger(tmp_path / "csv")
+    _, trainer = _fit(tmp_path / "a", tiny_model_dir, questions_file, epochs=2, batch_size=4, drift_every_n_steps=2,
+                      logger=logger, log_every_n_steps=1)
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    mass = {int(r["step"]): float(r["student/topk_mass_step"]) for r in rows if r.get("student/topk_mass_step")}
+    assert sorted(mass) == [0, 1, 2, 3] and all(0.0 < m <= 1.0 for m in mass.values())
+    # measured at optimizer steps 0 and 2; in between Lightning repeats the latest value
+    assert mass[0] == mass[1] != mass[2] == mass[3]
+    start = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    tailed, trainer = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=1, tail=True, drift_every_n_steps=0)
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+    assert "student/topk_mass_epoch" in trainer.callback_metrics  # the tail term computes it anyway
+    assert all(not torch.equal(p, start[n]) for n, p in tailed.policy.named_parameters())
+
+
 def test_teacher_sync_copies_the_student_every_n_steps(tmp_path, tiny_model_dir, questions_file):
     sync = TeacherSync(every_n_steps=1)
     module, _ = _fit(tmp_path, tiny_model_dir, questions_file, epochs=1, callbacks=[sync])
@@ -190,6 +225,7 @@ def test_resume_restores_student_teacher_optimizer_and_data_position(tmp_path, t
 
 
 @pytest.mark.parametrize("kwargs, flag", [({"top_k": 0}, "top_k"), ({"divergence": "js"}, "divergence"),
+                                           ({"drift_every_n_steps": -1}, "drift_every_n_steps"),
                                            ({"optim": {"schedule": "step"}}, "optim.schedule"),
                                            ({"dtype": "int8"}, "dtype")])
 def test_bad_flags_name_the_flag_and_value(tiny_model_dir, kwargs, flag):
