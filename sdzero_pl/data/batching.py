@@ -7,14 +7,16 @@ helpers here cut a rank's examples into micro-batches and steps and count those 
 Because of that token mean, ANY partition of a step's samples into micro-batches gives the same update. Length-aware
 micro-batching (:class:`Batching` ``mode="tokens"``, NeMo-RL's dynamic batching / verl's max tokens per GPU) uses
 this: each step keeps the samples fixed-count batching would give it (``batch_size x accumulate_grad_batches`` per
-rank), sorted by length and cut into micro-batches of at most ``max_tokens`` padded tokens. Every rank runs the same
-number of micro-batches per step (the most any step of any rank needs, padded with masked micro-batches), and the
+rank), sorted by length and cut into micro-batches of at most ``max_tokens`` padded tokens, as many as minimise the
+padded tokens plus a fixed cost per micro-batch. Every rank runs the same number of micro-batches per step (the
+most any step of any rank wants; the others are cut into as many, padded with masked micro-batches), and the
 trainer's ``accumulate_grad_batches`` is set to that number for the epoch (as Lightning's own
 ``GradientAccumulationScheduler`` sets it), so Lightning steps the optimizer exactly at the step boundaries.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence, TypeVar
 
@@ -41,12 +43,17 @@ class Batching:
     student and teacher sequences). A longer sample gets a micro-batch of its own (counted in
     ``train/over_budget``). Safe choice: ``batch_size`` x the longest sequence, never more than count mode's worst
     micro-batch."""
+    micro_batch_cost: int = 512
+    """"tokens" mode: the fixed cost of one more micro-batch (kernel launches, FSDP gathers), in padded tokens: a
+    step is cut further only where that saves more padding than this; 0 = as finely as saves any padding."""
 
     def __post_init__(self) -> None:
         if self.mode not in BATCHING_MODES:
             raise ValueError(f"`--data.batching.mode` must be one of {BATCHING_MODES}, got {self.mode!r}")
         if self.max_tokens < 1:
             raise ValueError(f"`--data.batching.max_tokens` must be >= 1, got {self.max_tokens}")
+        if self.micro_batch_cost < 0:
+            raise ValueError(f"`--data.batching.micro_batch_cost` must be >= 0, got {self.micro_batch_cost}")
 
     @classmethod
     def of(cls, value: Batching | dict) -> Batching:
@@ -94,45 +101,55 @@ def require_reload_every_epoch(trainer, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ length-aware micro-batches
-def min_micro_batches(lengths: Sequence[int], max_tokens: int) -> int:
-    """Fewest micro-batches of at most ``max_tokens`` padded tokens (rows x longest) holding these samples; a
-    sample longer than the budget alone. Greedy over the lengths sorted longest first, which is optimal: any
-    partition can be rearranged into consecutive runs of the sorted order without making any micro-batch larger."""
-    ordered = sorted(lengths, reverse=True)
-    count, i = 0, 0
-    while i < len(ordered):
-        i += max(1, max_tokens // ordered[i])
-        count += 1
-    return count
+def cut_micro_batches(lengths: Sequence[int], max_tokens: int, micro_batch_cost: int = 0,
+                      count: int | None = None) -> list[list[int]]:
+    """Indices of the samples cut into micro-batches of at most ``max_tokens`` padded tokens (rows x longest; a
+    longer sample alone), as consecutive runs of the longest-first order (some optimal partition always is one:
+    exchanging a longer sample into the run of the longer ones never makes a micro-batch larger).
 
-
-def balanced_micro_batches(lengths: Sequence[int], count: int) -> list[list[int]]:
-    """Indices of the samples cut into exactly ``count`` micro-batches (``count <= len(lengths)``), consecutive
-    runs of the longest-first order, minimising the largest micro-batch's padded tokens (rows x longest)."""
+    ``count=None``: as many micro-batches as minimise padded tokens + ``micro_batch_cost`` per micro-batch (its
+    fixed cost in tokens); ``count=m`` (``m <= len(lengths)``): exactly m, minimising padded tokens. Dynamic
+    programming over the sorted order, O(m n^2) (n: one rank's samples of one step)."""
     n = len(lengths)
-    assert 1 <= count <= n, f"{count} micro-batches for {n} samples"
     order = sorted(range(n), key=lambda i: (-lengths[i], i))
     ordered = [lengths[i] for i in order]
 
-    def cut(limit: int) -> list[list[int]]:  # greedy runs of at most `limit` padded tokens, leaving a row per run
-        runs, i = [], 0
-        while i < n:
-            left = count - len(runs) - 1  # runs still to fill after this one
-            take = max(1, min(limit // ordered[i], n - i - left)) if left >= 0 else limit // ordered[i]
-            runs.append(order[i:i + take])
-            i += take
-        return runs
+    def run_cost(i: int, j: int) -> float:  # the run order[i:j], whose longest is ordered[i]
+        rows = j - i
+        return rows * ordered[i] if rows == 1 or rows * ordered[i] <= max_tokens else math.inf
 
-    low, high = ordered[0], ordered[0] * n  # the longest sample alone .. everything in one micro-batch
-    while low < high:
-        middle = (low + high) // 2
-        if len(cut(middle)) <= count:
-            high = middle
-        else:
-            low = middle + 1
-    runs = cut(low)
-    assert len(runs) == count, f"planned {len(runs)} micro-batches, wanted {count}"
-    return runs
+    if count is None:
+        best, back = [0.0] + [math.inf] * n, [0] * (n + 1)
+        for j in range(1, n + 1):
+            for i in range(j - 1, -1, -1):
+                cost = run_cost(i, j)
+                if cost == math.inf:
+                    break  # longer runs starting earlier are larger still
+                if best[i] + cost + micro_batch_cost < best[j]:
+                    best[j], back[j] = best[i] + cost + micro_batch_cost, i
+        backs = [back]
+    else:
+        assert 1 <= count <= n, f"{count} micro-batches for {n} samples"
+        best = [0.0] + [math.inf] * n
+        backs = []
+        for _ in range(count):
+            new, back = [math.inf] * (n + 1), [0] * (n + 1)
+            for j in range(1, n + 1):
+                for i in range(j - 1, -1, -1):
+                    cost = run_cost(i, j)
+                    if cost == math.inf:
+                        break
+                    if best[i] + cost < new[j]:
+                        new[j], back[j] = best[i] + cost, i
+            best = new
+            backs.append(back)
+    runs, j = [], n
+    while j > 0:  # walk the back pointers from the end: the free count's own, or one table per micro-batch
+        i = (backs[0] if count is None else backs[count - 1 - len(runs)])[j]
+        runs.append(order[i:j])
+        j = i
+    assert count is None or len(runs) == count, f"cut into {len(runs)} micro-batches, wanted {count}"
+    return runs[::-1]
 
 
 @dataclass
@@ -173,15 +190,15 @@ class MicroBatcher:
         self.accumulation(trainer)
         if self.batching.mode == "count":
             return StepPlan(steps, None)
-        budget = self.batching.max_tokens
+        budget, cost = self.batching.max_tokens, self.batching.micro_batch_cost
         samples = [[i for mb in step for i in mb if i != PAD] for step in steps]
-        local = max((min_micro_batches([lengths[i] for i in s], budget) for s in samples), default=1)
+        local = max((len(cut_micro_batches([lengths[i] for i in s], budget, cost)) for s in samples if s), default=1)
         count = max(1, int(trainer.strategy.reduce(torch.tensor(local, device=trainer.strategy.root_device),
                                                    reduce_op="max")))
         planned = []
         for step in samples:
             cut = min(count, len(step))
-            runs = balanced_micro_batches([lengths[i] for i in step], cut) if step else []
+            runs = cut_micro_batches([lengths[i] for i in step], budget, count=cut) if step else []
             planned.append([[step[j] for j in run] for run in runs] + [[PAD]] * (count - cut))
         trainer.accumulate_grad_batches = count
         return StepPlan(planned, count, sum(lengths[i] > budget for s in samples for i in s))
