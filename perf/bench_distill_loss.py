@@ -56,8 +56,13 @@ TOLERANCES = {"float32": (1e-5, 1e-4), "float64": (1e-12, 1e-10), "bfloat16": (2
 
 
 # --------------------------------------------------------------------------------------------- inputs and steps
-def make_inputs(vocab: int, hidden: int, tokens: int, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Random student/teacher final hidden states ~ N(0, 1) and LM heads ~ N(0, 0.02^2), from a fixed seed."""
+def make_inputs(vocab: int, hidden: int, tokens: int, seed: int = 0, dtype=torch.float32,
+                device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Random student/teacher final hidden states ~ N(0, 1) and LM heads ~ N(0, 0.02^2), from a fixed seed (drawn on
+    the CPU, then moved: the same values on any device)."""
+    if device != "cpu":
+        inputs = make_inputs(vocab, hidden, tokens, seed, dtype)
+        return {k: v.detach().to(device).requires_grad_(v.requires_grad) for k, v in inputs.items()}
     gen = torch.Generator().manual_seed(seed)
     inputs = {
         "hidden_s": torch.empty(tokens, hidden, dtype=dtype).normal_(0.0, 1.0, generator=gen),  # (N, H)
@@ -112,12 +117,15 @@ def run_impl(impl: str, inputs: dict, k: int, chunk_size: int, divergence: str, 
     """``repeats`` forward + backward passes (gradients reset in between); loss, grads and ids of the last one.
     Phases per repeat: [teacher_s, student forward_s, backward_s]."""
     times, phases = [], []
+    cuda = inputs["hidden_s"].is_cuda
     for _ in range(repeats):
         inputs["hidden_s"].grad = inputs["weight_s"].grad = None
         gc.collect()
         out = FORWARDS[impl](inputs, k, chunk_size, divergence)
         start = time.perf_counter()
         out["loss"].backward()
+        if cuda:
+            torch.cuda.synchronize()  # the total is exact; on a GPU the phase split is not (kernels run async)
         phase = out["phases"] + [time.perf_counter() - start]
         loss, ids = out["loss"].detach(), out["ids"]
         del out
@@ -195,9 +203,25 @@ class RssSampler(threading.Thread):
         return max(self.peak_kib, _status_kib("VmRSS"))
 
 
+def cuda_worker(args: argparse.Namespace) -> None:
+    """The worker on a GPU: peak = ``torch.cuda.max_memory_allocated`` over the allocation right after the inputs."""
+    inputs = make_inputs(args.vocab, args.hidden, args.tokens, args.seed, getattr(torch, args.dtype), args.device)
+    checksum = [float(t.detach().double().sum()) for t in inputs.values()]
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = run_impl(args.impl, inputs, args.k, args.chunk_size, args.divergence, args.repeats)
+    peak = (torch.cuda.max_memory_allocated() - baseline) / GIB
+    result = {k: v.cpu() if torch.is_tensor(v) else v for k, v in result.items()}
+    result.update(checksum=checksum, baseline_gib=baseline / GIB, peak_gib=peak, sampled_gib=peak)
+    torch.save(result, args.out)
+
+
 def worker(args: argparse.Namespace) -> None:
     """One implementation in this fresh process: build inputs, reset the high-water mark, run, save results."""
     torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        return cuda_worker(args)
     inputs = make_inputs(args.vocab, args.hidden, args.tokens, args.seed, getattr(torch, args.dtype))
     checksum = [float(t.detach().double().sum()) for t in inputs.values()]
     gc.collect()
@@ -243,9 +267,11 @@ def spawn(impl: str, chunk_size: int, args: argparse.Namespace, out_dir: str) ->
     """Run one implementation in a fresh subprocess and load what it saved."""
     out = os.path.join(out_dir, f"{impl}-{chunk_size}.pt")
     sub_args = argparse.Namespace(**{**vars(args), "chunk_size": chunk_size})
-    wait_for_memory(1.2 * estimate_gib(impl, sub_args) + 0.5, args.wait_for_memory)
+    if args.device == "cpu":
+        wait_for_memory(1.2 * estimate_gib(impl, sub_args) + 0.5, args.wait_for_memory)
     flags = [f"--{name.replace('_', '-')}={getattr(sub_args, name)}" for name in
-             ("vocab", "hidden", "tokens", "k", "chunk_size", "repeats", "divergence", "seed", "threads", "dtype")]
+             ("vocab", "hidden", "tokens", "k", "chunk_size", "repeats", "divergence", "seed", "threads", "dtype",
+              "device")]
     for attempt in range(1, args.retries + 2):
         print(f"  running {impl} (chunk {chunk_size}) in a subprocess, attempt {attempt} ...", flush=True)
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl, "--out", out, *flags])
@@ -255,7 +281,8 @@ def spawn(impl: str, chunk_size: int, args: argparse.Namespace, out_dir: str) ->
             raise SystemExit(f"{impl} worker failed with exit code {proc.returncode} (-9: killed, likely out of memory)")
         print("  killed (out of memory?): other jobs share this machine; retrying in 60 s", flush=True)
         time.sleep(60)
-        wait_for_memory(1.2 * estimate_gib(impl, sub_args) + 0.5, args.wait_for_memory)
+        if args.device == "cpu":
+            wait_for_memory(1.2 * estimate_gib(impl, sub_args) + 0.5, args.wait_for_memory)
     raise AssertionError("unreachable: the loop returns or exits")
 
 
@@ -263,7 +290,8 @@ def report(args: argparse.Namespace, results: dict) -> bool:
     naive = results["naive"]
     naive_time, naive_peak = statistics.median(naive["times"]), naive["peak_gib"]
     print(f"\nvocab {args.vocab}, hidden {args.hidden}, tokens {args.tokens}, k {args.k}, divergence {args.divergence}, "
-          f"{args.dtype}, CPU, torch {torch.__version__}, {args.threads} threads, median of {args.repeats} repeat(s)")
+          f"{args.dtype}, {args.device}, torch {torch.__version__}, {args.threads} threads, median of {args.repeats} "
+          "repeat(s)")
     print("time = forward + backward, split teacher | student forward | backward. Peak = growth of the worker's resident\n"
           "set over its RSS right after the inputs were built: each impl runs in a fresh subprocess, which resets the\n"
           "kernel's high-water mark (VmHWM, via /proc/self/clear_refs) once the inputs exist and reads it after the runs;\n"
@@ -308,6 +336,39 @@ def report(args: argparse.Namespace, results: dict) -> bool:
     return all_pass
 
 
+def figures(args: argparse.Namespace, results: dict) -> dict:
+    """The report's numbers as a dict (the GPU check records them): time and peak per impl, both against naive, and
+    the working memory above the dense LM-head gradient."""
+    naive = results["naive"]
+    floor = args.vocab * args.hidden * getattr(torch, args.dtype).itemsize / GIB
+    out = {"dtype": args.dtype, "device": args.device, "vocab": args.vocab, "hidden": args.hidden, "tokens": args.tokens,
+           "head_grad_gib": floor}
+    for name, res in results.items():
+        t = statistics.median(res["times"])
+        out[name] = {"time_s": t, "time_x_naive": t / statistics.median(naive["times"]), "peak_gib": res["peak_gib"],
+                     "peak_x_naive": res["peak_gib"] / naive["peak_gib"], "above_head_grad_gib": res["peak_gib"] - floor}
+        if name != "naive" and name != "naive_held":
+            out[name]["equal"] = compare(res, naive, args.dtype)["equal"]
+    return out
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Every implementation in its own subprocess; the :func:`report` printed, its :func:`figures` returned."""
+    args = parse_args(argv)
+    chunk_sizes = [int(c) for c in args.chunk_sizes.split(",")] if args.chunk_sizes else [args.chunk_size]
+    out_dir = tempfile.mkdtemp(prefix="bench_distill_loss-")
+    try:
+        results = {"naive": spawn("naive", args.chunk_size, args, out_dir)}
+        for chunk_size in chunk_sizes:
+            results[f"chunked@{chunk_size}"] = spawn("chunked", chunk_size, args, out_dir)
+        passed = report(args, results)
+        return {**figures(args, results), "pass": passed}
+    finally:
+        for name in os.listdir(out_dir):
+            os.remove(os.path.join(out_dir, name))
+        os.rmdir(out_dir)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=151_936)
@@ -322,6 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--divergence", default="mixed", choices=("reverse", "forward", "mixed"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="hidden states and LM heads (bfloat16: as a GPU run)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (peak memory from the CUDA allocator)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--retries", type=int, default=2, help="re-runs of a worker killed by SIGKILL (OOM)")
