@@ -116,6 +116,9 @@ def summarize(results: dict, args: argparse.Namespace) -> dict:
         "sizes": args.sizes, "device": args.device, "dtype": args.dtype, "samples": args.samples,
         "batch_size": args.batch_size, "accumulate": args.accumulate, "max_tokens": tokens[0]["budget"],
         "step_s": step, "speedup": step["count"] / step["tokens"],
+        "step_s_rounds": {m: [t for res in results[m] for t in res["times"]] for m in MODES},
+        "speedup_rounds": [c["times"][0] / t["times"][0] for c, t in zip(count, tokens)],
+        "load_average": os.getloadavg()[0],
         "padding_frac": {m: results[m][0]["padding_frac"] for m in MODES},
         "micro_batches": {m: results[m][0]["micro_batches"] for m in MODES},
         "rows": {m: results[m][0]["rows"] for m in MODES},
@@ -142,6 +145,10 @@ def report(summary: dict) -> None:
               f"{summary['micro_batches'][m]:>15}{summary['padded_tokens'][m]:>15}{summary['padding_frac'][m]:>9.1%}"
               f"{summary['peak_gib'][m]:>10.2f}  {summary['rows'][m]}")
     ok = summary["ok"]
+    print("per round: " + ", ".join(f"count {c:.2f} s / tokens {t:.2f} s" for c, t in
+                                    zip(summary["step_s_rounds"]["count"], summary["step_s_rounds"]["tokens"]))
+          + f" (speedups {', '.join(f'{x:.2f}' for x in summary['speedup_rounds'])}); load average at the end "
+          f"{summary['load_average']:.1f}")
     print(f"speedup {summary['speedup']:.2f}x (target >= {TARGET_SPEEDUP}: {'PASS' if ok['speedup'] else 'FAIL'}); "
           f"padding {summary['padding_frac']['tokens']:.1%} (target <= {TARGET_PADDING:.0%}: "
           f"{'PASS' if ok['padding'] else 'FAIL'}); gradients max|d|/max|g| {summary['grad_rel_diff']:.1e} "

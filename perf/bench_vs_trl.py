@@ -12,6 +12,10 @@ AdamW, float32, CPU. What each computes (so the comparison is honest):
 | ``trl_distillation`` (``trl.DistillationTrainer``) | generalized JSD, beta 0.5 | FULL vocabulary, chunked | ``x + y`` (its teacher reads the student's sequence) |
 | ``trl_sdft`` (``trl.experimental.sdft.SDFTTrainer``) | generalized JSD, alpha 0.5 | the STUDENT's top-64 of full [B, C, V] logits | ``x + y + P_r + y`` (given as its teacher prompt) |
 
+``sdzero_drift`` / ``sdzero_tail`` (``--impls``): this project's step with the drift monitor computed at that step
+(``student/topk_mass``: a no-grad chunked pass of the student's LM head) / with the tail term (the same pass with
+gradient): what each option costs.
+
 TRL is installed into its own virtual environment by this script (``--venv``, created with this interpreter's
 ``venv`` module, ``pip install torch==2.13.0 trl==<--trl-version>``; never a project dependency); its steps run
 there (perf/trl_worker.py). Every measurement is a fresh subprocess (a warm-up step, then ``--steps`` timed ones),
@@ -41,7 +45,8 @@ from perf.phase2_step import (  # noqa: E402
     SIZES, build_model, env_threads, load_module, optimizer_step, plan_batches, synthetic_examples
 )
 
-IMPLS = ("sdzero", "naive", "trl_distillation", "trl_sdft")
+IMPLS = ("sdzero", "naive", "trl_distillation", "trl_sdft", "sdzero_drift", "sdzero_tail")
+DEFAULT_IMPLS = IMPLS[:4]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -101,9 +106,10 @@ def project_worker(args: argparse.Namespace) -> dict:
     env_threads(args.threads)
     examples = make_inputs(args)
     batches, _, trainer = plan_batches(examples, args.prompts, 1, Batching())  # one micro-batch of all prompts
-    module = load_module(args.model, "float32", "cpu", trainer, drift_every_n_steps=0)
+    module = load_module(args.model, "float32", "cpu", trainer, drift_every_n_steps=int(args.impl == "sdzero_drift"),
+                         tail=args.impl == "sdzero_tail")
     optimizer = torch.optim.AdamW(module.policy.parameters(), lr=1e-6)
-    if args.impl == "sdzero":
+    if args.impl.startswith("sdzero"):
         run = lambda: optimizer_step(module, batches, optimizer, "cpu")["step_s"]  # noqa: E731
     else:
         def run() -> float:
@@ -142,7 +148,7 @@ def spawn(impl: str, args: argparse.Namespace, work: str, trl_python: str | None
 def report(args: argparse.Namespace, results: dict) -> dict:
     step = {i: statistics.median(t for r in results[i] for t in r["times"]) for i in results}
     peak = {i: max(r["peak_gib"] for r in results[i]) for i in results}
-    ref = "sdzero"
+    ref = "sdzero" if "sdzero" in results else next(iter(results))
     print(f"\nvocab {args.vocab}, hidden {args.hidden}, {args.layers} layers; {args.prompts} prompts x ({args.prompt_len} + "
           f"{args.completion_len}) tokens, teacher x + y + P_r + y = {args.prompt_len + 2 * args.completion_len + args.control_len} "
           f"tokens; float32 CPU, {args.threads} thread(s); median of {args.rounds} round(s) x {args.steps} step(s)")
@@ -162,7 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--completion-len", type=int, default=512)
     parser.add_argument("--control-len", type=int, default=16)
-    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"some of {','.join(IMPLS)}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1, help="timed steps per subprocess, after a warm-up step")
     parser.add_argument("--threads", type=int, default=1)
@@ -171,7 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trl-version", default="1.16.0")
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the figures here")
-    parser.add_argument("--impl", choices=("sdzero", "naive"), default=None, help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument("--impl", choices=("sdzero", "naive", "sdzero_drift", "sdzero_tail"), default=None,
+                        help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.impls.split(",")) - set(IMPLS)

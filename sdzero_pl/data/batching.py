@@ -36,8 +36,8 @@ class Batching:
 
     mode: str = "count"
     """"count": micro-batches of ``batch_size`` samples, each padded to its longest; "tokens": the step's samples
-    sorted by length and cut into micro-batches of at most ``max_tokens`` padded tokens (fewer, fuller micro-batches
-    with little padding; the trainer's accumulation is set each epoch to the micro-batches a step needs)."""
+    sorted by length and cut into micro-batches of at most ``max_tokens`` padded tokens, as many as minimise the
+    padding plus ``micro_batch_cost`` each (the trainer's accumulation is set each epoch to that number)."""
     max_tokens: int = 16384
     """"tokens" mode: padded tokens per micro-batch, rows x its longest sequence (Phase 2: the longer of the
     student and teacher sequences). A longer sample gets a micro-batch of its own (counted in
