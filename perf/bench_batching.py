@@ -15,6 +15,7 @@ weights in both modes), compared with count mode's. Targets (issue 16): >= 1.5x 
     python perf/bench_batching.py                      # CPU, the "cpu" model sizes, 3 rounds
     python perf/bench_batching.py --sizes smoke --samples 8 --high 200 --rounds 1     # smoke
     python perf/bench_batching.py --device cuda --dtype bfloat16 --sizes qwen3-4b --gradient-checkpointing
+    python perf/bench_batching.py --sweep     # the planner alone: padding and micro-batches vs micro_batch_cost
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def worker(args: argparse.Namespace) -> dict:
 def spawn(mode: str, args: argparse.Namespace, out_dir: str, round_: int) -> dict:
     out = os.path.join(out_dir, f"{mode}-{round_}.pt")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k not in ("mode", "out", "rounds", "keep", "gradient_checkpointing") and v is not None]
+             if k not in ("mode", "out", "rounds", "keep", "gradient_checkpointing", "sweep") and v is not None]
     if args.gradient_checkpointing:
         flags.append("--gradient-checkpointing")
     cmd = [sys.executable, os.path.abspath(__file__), *flags, "--mode", mode, "--out", out]
@@ -155,6 +156,29 @@ def report(summary: dict) -> None:
           f"({'PASS' if ok['equal_gradients'] else 'FAIL'})")
 
 
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """The planner alone (no model): micro-batches per step and padding for several step sizes and
+    ``micro_batch_cost`` values, on the same length distribution; count mode's for comparison."""
+    from sdzero_pl.data.batching import Batching
+
+    rows = []
+    print(f"{'rollouts/step':>14}{'mode':>8}{'cost':>7}{'micro-batches':>15}{'padding':>9}{'padded tokens':>15}")
+    for samples in (16, 64, 128):
+        lengths = lognormal_lengths(samples, args.low, args.high, args.median, args.sigma, args.seed)
+        examples = synthetic_examples(lengths, 64, args.prompt_len, args.control_len, args.seed)
+        budget = args.max_tokens or args.batch_size * (args.prompt_len + 2 * args.high + args.control_len)
+        accumulate = samples // args.batch_size
+        for mode, cost in [("count", None), *[("tokens", c) for c in (0, 128, 512, 2048)]]:
+            batching = Batching(mode, budget, cost or 0)
+            batches, stats, _ = plan_batches(examples, args.batch_size, accumulate, batching)
+            padded = sum(int(b[k].numel()) for b in batches for k in ("student_ids", "teacher_ids"))
+            rows.append({"samples": samples, "mode": mode, "cost": cost, "micro_batches": len(batches),
+                         "padding_frac": stats["train/padding_frac"], "padded_tokens": padded})
+            print(f"{samples:>14}{mode:>8}{'-' if cost is None else cost:>7}{len(batches):>15}"
+                  f"{stats['train/padding_frac']:>9.1%}{padded:>15}")
+    return rows
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", choices=sorted(SIZES), default="cpu")
@@ -180,6 +204,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", default=None, help="directory for the model and the workers' results")
     parser.add_argument("--json", default=None, help="also write the summary here")
+    parser.add_argument("--sweep", action="store_true", help="the planner alone, no model (see sweep())")
     parser.add_argument("--mode", choices=MODES, default=None, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -189,6 +214,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.mode is not None:
         torch.save(worker(args), args.out)
+        return 0
+    if args.sweep:
+        sweep(args)
         return 0
     json_path = args.json
     args.json = None
