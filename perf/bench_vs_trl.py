@@ -110,20 +110,21 @@ def project_worker(args: argparse.Namespace) -> dict:
                          tail=args.impl == "sdzero_tail")
     optimizer = torch.optim.AdamW(module.policy.parameters(), lr=1e-6)
     if args.impl.startswith("sdzero"):
-        run = lambda: optimizer_step(module, batches, optimizer, "cpu")["step_s"]  # noqa: E731
+        run = lambda: optimizer_step(module, batches, optimizer, "cpu")  # noqa: E731
     else:
-        def run() -> float:
-            start = time.perf_counter()
+        def run() -> dict:
+            start, cpu = time.perf_counter(), time.process_time()
             naive_loss(module.policy, module.teacher, batches[0]).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return time.perf_counter() - start
-    warmup_s = run()
+            return {"step_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
+    warmup_s = run()["step_s"]
     base = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
-    times = [run() for _ in range(args.steps)]
-    return {"times": times, "warmup_s": warmup_s, "peak_gib": (_status_kib("VmHWM") - base) / 2**20}
+    steps = [run() for _ in range(args.steps)]
+    return {"times": [s["step_s"] for s in steps], "cpu_times": [s["cpu_s"] for s in steps], "warmup_s": warmup_s,
+            "peak_gib": (_status_kib("VmHWM") - base) / 2**20}
 
 
 # ------------------------------------------------------------------------------------------------------ parent
@@ -147,16 +148,20 @@ def spawn(impl: str, args: argparse.Namespace, work: str, trl_python: str | None
 
 def report(args: argparse.Namespace, results: dict) -> dict:
     step = {i: statistics.median(t for r in results[i] for t in r["times"]) for i in results}
+    cpu = {i: statistics.median(t for r in results[i] for t in r["cpu_times"]) for i in results}
     peak = {i: max(r["peak_gib"] for r in results[i]) for i in results}
     ref = "sdzero" if "sdzero" in results else next(iter(results))
     print(f"\nvocab {args.vocab}, hidden {args.hidden}, {args.layers} layers; {args.prompts} prompts x ({args.prompt_len} + "
           f"{args.completion_len}) tokens, teacher x + y + P_r + y = {args.prompt_len + 2 * args.completion_len + args.control_len} "
           f"tokens; float32 CPU, {args.threads} thread(s); median of {args.rounds} round(s) x {args.steps} step(s)")
-    print(f"{'impl':<18}{'step s':>9}{'x sdzero':>10}{'peak GiB':>10}{'x sdzero':>10}")
+    print(f"{'impl':<18}{'step s':>9}{'x ' + ref:>14}{'CPU s':>9}{'x ' + ref:>14}{'peak GiB':>10}{'x ' + ref:>14}")
     for impl in results:
-        print(f"{impl:<18}{step[impl]:>9.2f}{step[impl] / step[ref]:>10.2f}{peak[impl]:>10.2f}"
-              f"{peak[impl] / max(peak[ref], 1e-9):>10.2f}")
-    return {"step_s": step, "peak_gib": peak, "config": {k: v for k, v in vars(args).items() if k not in ("impl", "out")}}
+        print(f"{impl:<18}{step[impl]:>9.2f}{step[impl] / step[ref]:>14.2f}{cpu[impl]:>9.2f}{cpu[impl] / cpu[ref]:>14.2f}"
+              f"{peak[impl]:>10.2f}{peak[impl] / max(peak[ref], 1e-9):>14.2f}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return {"step_s": step, "cpu_s": cpu, "peak_gib": peak,
+            "rounds": {i: [(r["times"], r["cpu_times"]) for r in results[i]] for i in results},
+            "config": {k: v for k, v in vars(args).items() if k not in ("impl", "out")}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -114,24 +114,26 @@ def synchronize(device: str) -> None:
 
 
 def optimizer_step(module, batches: list[dict], optimizer, device: str, probe: bool = False) -> dict:
-    """One optimizer step over the micro-batches: wall-clock seconds of it and of its teacher passes, and (``probe``)
-    a sample of the gradients taken before the update (outside the timed region)."""
+    """One optimizer step over the micro-batches: wall-clock seconds of it and of its teacher passes, the process's
+    CPU seconds (on a shared machine the fairer clock: other jobs' load inflates wall time, not CPU time, of a
+    one-thread run), and (``probe``) a sample of the gradients taken before the update (outside the timed region)."""
     accumulate = module.trainer.accumulate_grad_batches
     synchronize(device)
-    start, teacher_s = time.perf_counter(), 0.0
+    start, cpu_start, teacher_s = time.perf_counter(), time.process_time(), 0.0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, _, timings = module.distill_loss(batch)
         (loss / accumulate).backward()  # Lightning divides each micro-batch loss by the accumulation
         teacher_s += timings["time/teacher_s"]
     synchronize(device)
-    backward_done = time.perf_counter()
+    backward_done, cpu_backward_done = time.perf_counter(), time.process_time()
     out = {"grad_probe": gradient_probe(module)} if probe else {}
-    resumed = time.perf_counter()
+    resumed, cpu_resumed = time.perf_counter(), time.process_time()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     synchronize(device)
-    out.update(step_s=(backward_done - start) + (time.perf_counter() - resumed), teacher_s=teacher_s)
+    out.update(step_s=(backward_done - start) + (time.perf_counter() - resumed), teacher_s=teacher_s,
+               cpu_s=(cpu_backward_done - cpu_start) + (time.process_time() - cpu_resumed))
     return out
 
 

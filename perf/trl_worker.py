@@ -88,14 +88,15 @@ def build_trainer(kind: str, model_dir: str, out_dir: str, n: int):
     return trainer, tokenizer
 
 
-def step(trainer, batch: dict) -> float:
-    start = time.perf_counter()
+def step(trainer, batch: dict) -> tuple[float, float]:
+    """(wall-clock, CPU) seconds of forward + backward + optimizer step."""
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch)
     trainer.accelerator.backward(loss)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -115,14 +116,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         trainer, tokenizer = build_trainer(args.kind, args.model, out_dir, len(inputs["prompt_ids"]))
         batch = tensors(inputs, tokenizer.pad_token_id)
-        warmup_s = step(trainer, batch)  # creates the AdamW state
+        warmup_s = step(trainer, batch)[0]  # creates the AdamW state
         base = _status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
-        times = [step(trainer, batch) for _ in range(args.steps)]
+        steps = [step(trainer, batch) for _ in range(args.steps)]
         peak = _status_kib("VmHWM") - base
     with open(args.out, "w") as handle:
-        json.dump({"times": times, "warmup_s": warmup_s, "peak_gib": peak / 2**20, "trl": trl.__version__,
+        json.dump({"times": [s[0] for s in steps], "cpu_times": [s[1] for s in steps], "warmup_s": warmup_s, "peak_gib": peak / 2**20, "trl": trl.__version__,
                    "torch": torch.__version__, "pid": os.getpid()}, handle)
 
 
