@@ -10,7 +10,8 @@ timed steps), modes interleaved round by round in alternating order, median over
 the worker's resident set (CPU: VmHWM after /proc/self/clear_refs) or ``torch.cuda.max_memory_allocated`` (GPU)
 during the timed steps. Gradients: a fixed sample of every parameter's gradient of the warm-up step (same start
 weights in both modes), compared with count mode's. Targets (issue 16): >= 1.5x faster at equal gradients, padding
-<= 10%.
+<= 10%; on CPU judged on the workers' CPU time (one thread each: other jobs on a shared machine inflate their wall
+time, not their CPU time), on a GPU on wall time. Both clocks are printed.
 
     python perf/bench_batching.py                      # CPU, the "cpu" model sizes, 3 rounds
     python perf/bench_batching.py --sizes smoke --samples 8 --high 200 --rounds 1     # smoke
@@ -132,7 +133,9 @@ def summarize(results: dict, args: argparse.Namespace) -> dict:
         "peak_gib": {m: max(res["peak_gib"] for res in results[m]) for m in MODES},
         "grad_rel_diff": grad, "rounds": args.rounds,
     }
-    summary["ok"] = {"speedup": max(summary["speedup"], summary["cpu_speedup"]) >= TARGET_SPEEDUP,
+    # on a shared CPU machine other jobs inflate wall time: the target is judged on CPU time there, on a GPU on wall
+    judged = summary["cpu_speedup"] if args.device == "cpu" else summary["speedup"]
+    summary["ok"] = {"speedup": judged >= TARGET_SPEEDUP,
                      "padding": summary["padding_frac"]["tokens"] <= TARGET_PADDING,
                      "equal_gradients": grad <= GRAD_RTOL[args.dtype]}
     return summary
@@ -155,8 +158,9 @@ def report(summary: dict) -> None:
                                     zip(summary["step_s_rounds"]["count"], summary["step_s_rounds"]["tokens"]))
           + f" (speedups {', '.join(f'{x:.2f}' for x in summary['speedup_rounds'])}); load average at the end "
           f"{summary['load_average']:.1f}")
-    print(f"speedup {summary['speedup']:.2f}x wall, {summary['cpu_speedup']:.2f}x CPU time (target >= {TARGET_SPEEDUP}: "
-          f"{'PASS' if ok['speedup'] else 'FAIL'}); "
+    clock = "CPU time" if summary["device"] == "cpu" else "wall"
+    print(f"speedup {summary['speedup']:.2f}x wall, {summary['cpu_speedup']:.2f}x CPU time (target >= {TARGET_SPEEDUP} "
+          f"in {clock}: {'PASS' if ok['speedup'] else 'FAIL'}); "
           f"padding {summary['padding_frac']['tokens']:.1%} (target <= {TARGET_PADDING:.0%}: "
           f"{'PASS' if ok['padding'] else 'FAIL'}); gradients max|d|/max|g| {summary['grad_rel_diff']:.1e} "
           f"({'PASS' if ok['equal_gradients'] else 'FAIL'})")
