@@ -17,6 +17,8 @@ from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
 from sdzero_pl.rollout import HFRollout
 from tests.helpers import LongTailRollout
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 class CountingRollout(HFRollout):
     """HF rollouts that count generate calls (the data of one epoch must be generated once)."""
