@@ -49,7 +49,8 @@ def batching(work: str, smoke: bool = SMOKE) -> dict:
 def distill_loss(work: str, smoke: bool = SMOKE) -> dict:
     from perf import bench_distill_loss
 
-    argv = (["--vocab", "997", "--hidden", "32", "--tokens", "100", "--k", "8", "--chunk-size", "16"] if smoke else
+    argv = (["--vocab", "997", "--hidden", "32", "--tokens", "100", "--k", "8", "--chunk-size", "16", "--threads", "1"]
+            if smoke else
             ["--device", "cuda", "--repeats", "3"])
     figures = bench_distill_loss.run([*argv, "--dtype", "bfloat16"])
     figures["targets_pass"] = figures.pop("pass")  # the 0.25x memory target is out of reach (the head gradient)
