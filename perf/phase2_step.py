@@ -143,9 +143,10 @@ def gradient_probe(module, samples: int = 4096, seed: int = 0) -> dict[str, torc
     gen = torch.Generator().manual_seed(seed)
     probe = {}
     for name, param in module.policy.named_parameters():
-        grad = param.grad.detach().flatten().double().cpu()
-        index = torch.randint(0, grad.numel(), (min(samples, grad.numel()),), generator=gen)
-        probe[name] = torch.cat([grad[index], grad.norm().view(1)])
+        grad = param.grad.detach().flatten()  # sampled where it lives: no model-sized copy to the host
+        index = torch.randint(0, grad.numel(), (min(samples, grad.numel()),), generator=gen).to(grad.device)
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float64 if grad.device.type == "cpu" else torch.float32)
+        probe[name] = torch.cat([grad[index].double(), norm.double().view(1)]).cpu()
     return probe
 
 
