@@ -156,7 +156,8 @@ class _GatheredLogits(torch.autograd.Function):
     def backward(ctx, grad_out):  # (N, k)
         hidden, weight, ids = ctx.saved_tensors
         grad_hidden = _upcast(torch.zeros_like(hidden)) if ctx.needs_input_grad[0] else None
-        grad_weight = _upcast(torch.zeros_like(weight)) if ctx.needs_input_grad[1] else None
+        exact = weight.dtype == _upcast(weight[:0]).dtype  # float32 / float64: accumulate in the gradient itself
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.step):
             stop = min(start + ctx.step, hidden.shape[0])
             g = _upcast(grad_out[start:stop])  # (n, k)
@@ -166,16 +167,41 @@ class _GatheredLogits(torch.autograd.Function):
                 grad_hidden[start:stop] = torch.einsum("nk,nkh->nh", g, rows)
             else:
                 rows = torch.empty(*g.shape, h.shape[-1], dtype=h.dtype, device=h.device)
-            if grad_weight is not None:
+            if grad_weight is not None and exact:
                 torch.mul(g.unsqueeze(-1), h.unsqueeze(1), out=rows)  # (n, k, H), reusing the rows buffer
                 grad_weight.index_add_(0, ids[start:stop].reshape(-1), rows.reshape(-1, h.shape[-1]))
             del rows
+        if grad_weight is not None and not exact:
+            _weight_grad_by_vocab_block(_upcast(grad_out), hidden, ids, grad_weight)
         return (
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-            None if grad_weight is None else grad_weight.to(weight.dtype),
+            grad_weight,
             None,
             None,
         )
+
+
+def _weight_grad_by_vocab_block(grad_out: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor,
+                                grad_weight: torch.Tensor) -> None:
+    """grad_weight[v] = sum over (n, j) with ids[n, j] == v of grad_out[n, j] * hidden[n], accumulated in float32 one
+    block of vocabulary rows at a time and written in the weights' dtype (bf16 / fp16): a float32 buffer of the
+    whole head (V x H x 4 bytes) would be the largest allocation of the loss. (N, k), (N, H), (N, k) -> (V, H)"""
+    width = hidden.shape[-1]
+    flat = ids.reshape(-1)
+    order = flat.argsort()  # the (n, j) pairs grouped by vocabulary row
+    sorted_ids, tokens, grads = flat[order], order // ids.shape[-1], grad_out.reshape(-1)[order]
+    block = max(1, _ROWS_BUDGET // width)  # vocabulary rows per float32 buffer, and pairs per contribution chunk
+    for v0 in range(0, grad_weight.shape[0], block):
+        lo, hi = torch.searchsorted(sorted_ids, torch.tensor([v0, v0 + block], device=ids.device)).tolist()
+        if lo == hi:
+            continue
+        rows = min(block, grad_weight.shape[0] - v0)
+        acc = torch.zeros(rows, width, dtype=torch.float32, device=hidden.device)
+        for p0 in range(lo, hi, block):
+            p1 = min(p0 + block, hi)
+            contrib = grads[p0:p1, None] * hidden[tokens[p0:p1]].float()  # (P, H)
+            acc.index_add_(0, sorted_ids[p0:p1] - v0, contrib)
+        grad_weight[v0:v0 + rows] = acc.to(grad_weight.dtype)
 
 
 def gathered_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:

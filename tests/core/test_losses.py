@@ -232,3 +232,22 @@ def test_the_tail_term_is_zero_for_identical_models_and_needs_both_masses():
     assert float(tail["loss"].abs().max()) < 1e-12
     with pytest.raises(ValueError, match="both"):
         topk_divergence(logits, logits, "reverse", student_log_mass=log_mass)
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 24 * 7])  # one block; blocks of 7 vocabulary rows and 7 pairs
+def test_half_precision_head_gradient_is_the_float32_sum_rounded_once(monkeypatch, budget):
+    import sdzero_pl.core.losses as losses
+
+    monkeypatch.setattr(losses, "_ROWS_BUDGET", budget)
+    torch.manual_seed(9)
+    ids = torch.randint(0, 500, (37, 8))
+    grad = torch.randn(37, 8)
+    hidden = torch.randn(37, 24).bfloat16().requires_grad_()
+    weight = (torch.randn(500, 24) * 0.1).bfloat16().requires_grad_()
+    gathered_logits(hidden, weight, ids, 5).backward(grad)
+    hidden32 = hidden.detach().float().requires_grad_()
+    weight32 = weight.detach().float().requires_grad_()
+    gathered_logits(hidden32, weight32, ids, 5).backward(grad)
+    assert weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(weight.grad, weight32.grad.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(hidden.grad, hidden32.grad.bfloat16(), rtol=0, atol=0)
