@@ -42,9 +42,11 @@ import tempfile
 import threading
 import time
 
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's sdzero_pl
 
-from sdzero_pl.core.losses import gathered_logits, naive_topk_divergence, teacher_topk, topk_divergence
+import torch  # noqa: E402
+
+from sdzero_pl.core.losses import gathered_logits, naive_topk_divergence, teacher_topk, topk_divergence  # noqa: E402
 
 GIB = 1024**3
 IMPLS = ("naive", "naive_held", "chunked")
