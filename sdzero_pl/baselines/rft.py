@@ -33,7 +33,7 @@ from sdzero_pl.contracts import PolicyModule
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.prompts import render_prompt
 from sdzero_pl.core.sequences import strip_stop
-from sdzero_pl.data.batching import require_reload_every_epoch
+from sdzero_pl.data.batching import Batching, require_reload_every_epoch
 from sdzero_pl.data.questions import DataError, Question, QuestionSource
 from sdzero_pl.data.records import (
     CollectionPaths, TraceFile, chunk_seed, collect_with_policy, collection_settings, read_trace_file, run_collection,
@@ -205,6 +205,7 @@ class RFTDataModule(L.LightningDataModule):
         trim_repeats: bool = True,
         dedupe: bool = True,
         batch_size: int = 1,
+        batching: Batching = Batching(),
         max_length: int = 32768,
         shuffle_examples: bool = True,
         show_progress: bool = True,
@@ -225,7 +226,9 @@ class RFTDataModule(L.LightningDataModule):
             max_per_question: keep at most this many correct completions per question; null = all.
             trim_repeats: cut degenerate repeating tails of the completions (as Phase 1 does).
             dedupe: drop repeated (question, completion) pairs.
-            batch_size: sequences per micro-batch on each rank.
+            batch_size: sequences per micro-batch on each rank ("count" batching); an optimizer step takes
+                ``batch_size x accumulate_grad_batches`` sequences per rank in either batching mode.
+            batching: how a step's sequences are cut into micro-batches: fixed count, or by tokens (length-aware).
             max_length: longest training sequence in tokens; longer ones are cut on the right (and counted).
             shuffle_examples: reshuffle the training examples every epoch (seeded by ``seed`` and the epoch).
             show_progress: progress bar over the collected questions.
@@ -241,7 +244,8 @@ class RFTDataModule(L.LightningDataModule):
         if max_per_question is not None and max_per_question < 1:
             raise ValueError(f"`--data.max_per_question` must be >= 1 or null, got {max_per_question}")
         self.save_hyperparameters(ignore=["rollout", "reward"])
-        self.hparams.update(questions=asdict(questions))  # plain types in checkpoints
+        self.batching = Batching.of(batching)
+        self.hparams.update(questions=asdict(questions), batching=asdict(self.batching))  # plain types in checkpoints
         self.source = questions
         self.rollout = rollout or HFRollout()
         self.reward = reward or MathReward()
@@ -288,7 +292,7 @@ class RFTDataModule(L.LightningDataModule):
             rank_zero_warn(f"{self.paths().records}: no correct sample; nothing to train on, the exported model will "
                            "be the base model")
         examples = [encode_sample(module.tokenizer, s, hp.max_length) for s in samples]
-        self.plan = SFTPlan([examples], hp.batch_size, hp.shuffle_examples, hp.seed)
+        self.plan = SFTPlan([examples], hp.batch_size, hp.shuffle_examples, hp.seed, batching=self.batching)
         totals = summarize(state, TOTALS)
         self.stats = {f"data/{k}": float(v) for k, v in cleaning.items()}
         self.stats.update({
@@ -308,7 +312,13 @@ class RFTDataModule(L.LightningDataModule):
         return self.plan.stage_steps(trainer)
 
     def train_dataloader(self) -> DataLoader:
-        return self.plan.dataloader(self.trainer, self.pad_id)
+        loader = self.plan.dataloader(self.trainer, self.pad_id)
+        self.stats.update(self.plan.epoch_stats)  # logged by the module at the epoch's start
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        if self.plan is not None and self.trainer is not None and stage == "fit":
+            self.plan.release(self.trainer)
 
     def handoff(self) -> None:
         return None  # RFT is a baseline: nothing for Phase 2 to match

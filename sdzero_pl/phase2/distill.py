@@ -9,6 +9,9 @@ Per optimizer step (the batch is built by :class:`~sdzero_pl.phase2.OnPolicyData
 5. token mean over every valid token of the global batch.
 
 Default divergence is the reference code's "mixed" (0.5 forward + 0.5 reverse); the paper's Eq. 4 is "reverse".
+Drift monitor: every ``drift_every_n_steps`` optimizer steps ``student/topk_mass`` logs the student's full-vocab
+probability mass on the teacher's top-k (the renormalised loss cannot see mass the student moves outside it), next
+to ``teacher/topk_mass``; ``tail=True`` adds a (k+1)-th "rest" bucket to both distributions (off: the paper).
 At the end of ``fit`` the student is saved as a standard HF directory (model + tokenizer).
 
 Strategies by flag: DDP as is; ``--trainer.strategy=fsdp`` (FSDP1) and ModelParallelStrategy (FSDP2) shard each
@@ -29,7 +32,9 @@ from sdzero_pl.contracts import RolloutData, connect
 from sdzero_pl.core.artifacts import use_atomic_checkpoints
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.guard import guard_callbacks
-from sdzero_pl.core.losses import DIVERGENCES, gathered_logits, normalised_sum, teacher_topk, topk_divergence
+from sdzero_pl.core.losses import (
+    DIVERGENCES, full_logsumexp, gathered_logits, normalised_sum, teacher_topk, topk_divergence
+)
 from sdzero_pl.core.models import (
     EXPORT_KEY, check_dtypes, check_model_source, export_hf, export_path, hidden_states, load_model, load_policy,
     load_tokenizer, output_weight
@@ -54,6 +59,8 @@ class SelfDistillModule(L.LightningModule):
         divergence: str = "mixed",
         forward_weight: float = 0.5,
         chunk_size: int = 512,
+        tail: bool = False,
+        drift_every_n_steps: int = 10,
         optim: OptimArgs = PHASE2_OPTIM,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
@@ -67,6 +74,13 @@ class SelfDistillModule(L.LightningModule):
             divergence: "reverse" (paper Eq. 4), "forward" or "mixed" (reference code default).
             forward_weight: weight w of the forward KL in "mixed": w * forward + (1 - w) * reverse.
             chunk_size: tokens per chunk when computing teacher top-k and student logits (memory bound).
+            tail: compare k + 1 buckets, the k full-vocab probabilities and a "rest" bucket (1 - mass on the top-k),
+                for both distributions, so mass the student moves outside the teacher's top-k costs loss (needs
+                the student's full-vocab normaliser with gradient: one more chunked LM-head pass). Off: the paper's
+                renormalised top-k.
+            drift_every_n_steps: log ``student/topk_mass``, the student's full-vocab mass on the teacher's top-k,
+                every N optimizer steps (a no-grad chunked LM-head pass over the step's tokens); 0 = never. With
+                ``tail`` it is free and logged every step.
             optim: AdamW and its schedule (paper's launch script: lr 5e-6; reference code: 20 warm-up steps from
                 0.1 x lr, then constant, weight decay 0.01: ``warmup_start: 0.1, weight_decay: 0.01``).
             gradient_checkpointing: recompute the student's activations in backward to save memory.
@@ -81,6 +95,8 @@ class SelfDistillModule(L.LightningModule):
             raise ValueError(f"`--model.divergence` must be one of {DIVERGENCES}, got {divergence!r}")
         if not 0.0 <= forward_weight <= 1.0:
             raise ValueError(f"`--model.forward_weight` must be in [0, 1], got {forward_weight}")
+        if drift_every_n_steps < 0:
+            raise ValueError(f"`--model.drift_every_n_steps` must be >= 0, got {drift_every_n_steps}")
         check_dtypes(dtype)
         if teacher_name_or_path:
             check_model_source(teacher_name_or_path, "--model.teacher_name_or_path")
@@ -190,11 +206,15 @@ class SelfDistillModule(L.LightningModule):
         teacher_s = time.perf_counter() - start
 
         start = time.perf_counter()  # 4. the student scores y at the teacher's top-k ids
-        student_logits = self.score(
+        every = hp.drift_every_n_steps
+        normaliser = "grad" if hp.tail else ("metric" if every and self.global_step % every == 0 else None)
+        student_logits, student_lse = self.score(
             "policy", self._student_logits, batch["student_ids"], batch["student_attention_mask"],
-            batch["student_mask"], topk_ids, hp.chunk_size,
-        )  # (N, k)
-        terms = topk_divergence(student_logits, teacher_logits, hp.divergence, hp.forward_weight)
+            batch["student_mask"], topk_ids, hp.chunk_size, normaliser,
+        )  # (N, k), (N,) or None
+        student_log_mass = None if student_lse is None else student_logits.logsumexp(-1) - student_lse  # (N,)
+        tail = dict(student_log_mass=student_log_mass, teacher_log_mass=topk_mass.log()) if hp.tail else {}
+        terms = topk_divergence(student_logits, teacher_logits, hp.divergence, hp.forward_weight, **tail)
         loss = normalised_sum(  # 5. token mean over the global batch
             terms["loss"], int(batch["global_tokens"]), self.trainer.accumulate_grad_batches, self.trainer.world_size
         )
@@ -208,6 +228,8 @@ class SelfDistillModule(L.LightningModule):
             "teacher/topk_mass": topk_mass.sum() / n,
             "tokens": torch.tensor(float(topk_ids.shape[0])),
         }
+        if student_log_mass is not None:  # the drift monitor
+            metrics["student/topk_mass"] = student_log_mass.detach().exp().sum() / n
         return loss, metrics, {"time/teacher_s": teacher_s, "time/student_s": student_s}
 
     @classmethod
@@ -216,9 +238,18 @@ class SelfDistillModule(L.LightningModule):
         return teacher_topk(teacher_h, output_weight(model), top_k, chunk_size)
 
     @classmethod
-    def _student_logits(cls, model, ids, attention_mask, mask, topk_ids, chunk_size: int):
+    def _student_logits(cls, model, ids, attention_mask, mask, topk_ids, chunk_size: int, normaliser: str | None):
+        """The student's logits at the top-k ids and, if asked, its full-vocab normaliser: with gradient ("grad",
+        the tail term) or without ("metric", the drift monitor only)."""
         student_h, _ = select_targets(hidden_states(model, ids, attention_mask), ids, mask)  # (N, H)
-        return gathered_logits(student_h, output_weight(model), topk_ids, chunk_size)
+        weight = output_weight(model)
+        logits = gathered_logits(student_h, weight, topk_ids, chunk_size)  # (N, k)
+        if normaliser == "grad":
+            return logits, full_logsumexp(student_h, weight, chunk_size)
+        if normaliser == "metric":
+            with torch.no_grad():
+                return logits, full_logsumexp(student_h.detach(), weight.detach(), chunk_size)
+        return logits, None
 
     def on_train_epoch_start(self) -> None:
         stats = self.data.rollout_stats  # this epoch's rollouts, generated just before this hook
