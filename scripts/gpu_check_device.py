@@ -15,7 +15,7 @@ import sys
 import time
 
 import torch
-from gpu_check import DEVICE, DTYPE, N, SMOKE, Context, peak_gib, step, sync
+from gpu_check import DEVICE, DTYPE, SMOKE, Context, N, peak_gib, step, sync
 
 # Qwen3-4B-Instruct-2507's shapes (its config.json): the model of the paper's main table.
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,

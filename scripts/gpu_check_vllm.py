@@ -15,7 +15,7 @@ import sys
 import time
 
 import torch
-from gpu_check import DEVICE, DTYPE, N, SMOKE, Context, peak_gib, step, sync
+from gpu_check import DEVICE, DTYPE, SMOKE, Context, N, peak_gib, step, sync
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")

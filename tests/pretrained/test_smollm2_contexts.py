@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sdzero_pl.core.prompts import SEPARATOR, control_phrases, control_text, encode_prompts, render_prompt, stop_token_ids
 from sdzero_pl.core.pretrained import RECORD
+from sdzero_pl.core.prompts import (
+    SEPARATOR, control_phrases, control_text, encode_prompts, render_prompt, stop_token_ids
+)
 from sdzero_pl.core.sequences import build_distill_example, collate_distill, strip_stop
 from sdzero_pl.data.questions import Question
 from sdzero_pl.phase1.collect import TraceCollector
