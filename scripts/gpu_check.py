@@ -20,6 +20,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -180,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="sdzero-gpu-check-"))
     names = args.steps.split(",") if args.steps else None
-    return 0 if run(args.part, names, Path(args.out), work) else 1
+    try:
+        return 0 if run(args.part, names, Path(args.out), work) else 1
+    finally:
+        if args.work is None:  # our own scratch directory (models, runs): the figures are in the JSON
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":  # run as the module `gpu_check`, the one the step files register with

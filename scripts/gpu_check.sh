@@ -48,6 +48,7 @@ device)
   flags=()
   if [ "$smoke" = 1 ]; then  # only the image's packages (at this machine's versions) + the carried wheels
     image="$(mktemp -d /tmp/sdzero-gpu-image.XXXXXX)"
+    trap 'rm -rf "$image"' EXIT
     "$python" scripts/gpu_image_env.py "$image" || exit 2
     pythonpath="$site:$image:$PWD"
     flags=(-S)
