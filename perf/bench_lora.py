@@ -23,7 +23,8 @@ where activations weigh more.
 
     python perf/bench_lora.py                                      # CPU, ~2 minutes on one thread per worker
     python perf/bench_lora.py --sizes smoke --samples 4 --high 32 --rounds 1                           # smoke
-    python perf/bench_lora.py --device cuda --dtype bfloat16 --sizes qwen3-4b --samples 8 --high 512   # GPU
+    python perf/bench_lora.py --device cuda --dtype bfloat16 --sizes qwen3-1.7b --high 1024 --median 300   # GPU
+    GPU_CHECK_SMOKE=1 python perf/gpu_figures.py WORK_DIR lora_memory      # the GPU check's step, smoke mode
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ BENCH_SIZES = {
     # weight-dominated at a CPU-sized width: body 31.5M parameters (8 layers, hidden 512), LM head 4.2M (tied)
     "cpu": dict(vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                 head_dim=64, intermediate_size=2048),
+    # Qwen3-1.7B's config (the GPU check's size: its 3.4 GB bf16 checkpoint is written and loaded twice quickly)
+    "qwen3-1.7b": dict(vocab_size=151_936, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=6144),
 }
 
 
