@@ -8,8 +8,11 @@ teacher is the same model with its adapters off, AdamW over the adapters only. E
 fresh subprocess (a warm-up step, then the timed steps), modes in alternating order round by round, median over
 rounds. Peak memory counts everything the step holds (both models' weights, gradients, AdamW state, activations):
 CPU: the worker's peak resident set during the timed steps (VmHWM reset after the warm-up step by
-/proc/self/clear_refs) above its resident set just before the model was loaded; GPU: ``torch.cuda.max_memory_allocated``
-during the timed steps. Also printed: trainable parameters, weight / gradient / AdamW-state bytes, and the first
+/proc/self/clear_refs) above its resident set just before the model was loaded, with glibc told to map every block
+of 64 KiB or more on its own and unmap it when freed (``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``), so
+the resident set follows the live tensors instead of the allocator's free lists (without that, memory freed while
+loading or in the warm-up step sits in the heap and hides later allocations: a 100-200 MB error at these sizes);
+GPU: ``torch.cuda.max_memory_allocated`` during the timed steps. Also printed: trainable parameters, weight / gradient / AdamW-state bytes, and the first
 micro-batch's loss before any update (a zero adapter: both modes must agree). Target (issue 17): LoRA peak <= 0.4x
 the full fine-tune's. Step time is judged on the workers' CPU time on CPU (one thread each; other jobs on a shared
 machine inflate wall time, not CPU time), on wall time on a GPU; both are printed.
@@ -121,7 +124,10 @@ def spawn(mode: str, args: argparse.Namespace, out_dir: str, round_: int) -> dic
              if k not in ("mode", "out", "rounds", "keep", "json", "gradient_checkpointing") and v is not None]
     flags.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
     cmd = [sys.executable, os.path.abspath(__file__), *flags, "--mode", mode, "--out", out]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.device == "cpu":  # glibc: every block >= 64 KiB its own mapping, returned when freed (see the docstring)
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{mode} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
     with open(out) as handle:
