@@ -74,12 +74,13 @@ def _bytes(tensors) -> int:
 
 def worker(args: argparse.Namespace) -> dict:
     """One mode in this process: plan, loss before any update, warm-up step, timed steps, peak memory."""
-    import peft  # noqa: F401  (imported before the baseline: their import is no part of either mode's memory)
-    import transformers.models.qwen3.modeling_qwen3  # noqa: F401
+    import importlib
 
     from sdzero_pl.core.lora import LoraArgs, parameter_counts, trainable
     from sdzero_pl.data.batching import Batching
-    from sdzero_pl.phase2.distill import SelfDistillModule  # noqa: F401
+
+    for name in ("peft", "transformers.models.qwen3.modeling_qwen3", "sdzero_pl.phase2.distill"):
+        importlib.import_module(name)  # before the baseline: imports are no part of either mode's memory
 
     env_threads(args.threads)
     cuda = args.device.startswith("cuda")

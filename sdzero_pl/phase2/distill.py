@@ -36,7 +36,9 @@ from sdzero_pl.contracts import RolloutData, connect
 from sdzero_pl.core.artifacts import use_atomic_checkpoints
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.guard import guard_callbacks
-from sdzero_pl.core.lora import LoraArgs, attach_lora, base_forward, lora_export, lora_summary, merge_adapters_, trainable
+from sdzero_pl.core.lora import (
+    LoraArgs, attach_lora, base_forward, lora_export, lora_summary, merge_adapters_, trainable
+)
 from sdzero_pl.core.losses import (
     DIVERGENCES, full_logsumexp, gathered_logits, normalised_sum, teacher_topk, topk_divergence
 )
