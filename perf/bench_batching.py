@@ -22,7 +22,6 @@ time, not their CPU time), on a GPU on wall time. Both clocks are printed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ from perf.phase2_step import (  # noqa: E402
     SIZES, build_model, env_threads, load_module, lognormal_lengths, optimizer_step, plan_batches, probe_difference,
     synchronize, synthetic_examples
 )
+from sdzero_pl.core.artifacts import atomic_write_json  # noqa: E402
 
 MODES = ("count", "tokens")
 TARGET_SPEEDUP, TARGET_PADDING = 1.5, 0.10
@@ -235,8 +235,7 @@ def main(argv=None) -> int:
     summary = run(args)
     report(summary)
     if json_path:
-        with open(json_path, "w") as handle:
-            json.dump(summary, handle, indent=2)
+        atomic_write_json(json_path, summary)
     return 0 if all(summary["ok"].values()) else 1
 
 

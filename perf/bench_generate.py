@@ -28,6 +28,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import torch  # noqa: E402
 
+from sdzero_pl.core.artifacts import atomic_write_json  # noqa: E402
 from sdzero_pl.core.models import load_model, load_tokenizer  # noqa: E402
 from sdzero_pl.core.prompts import encode_prompts, stop_token_ids  # noqa: E402
 
@@ -113,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["vllm_over_hf"] = round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
     print(json.dumps(summary))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(summary, handle, indent=2)
+        atomic_write_json(args.json, summary)
     return 0
 
 

@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from perf.phase2_step import (  # noqa: E402
     SIZES, build_model, env_threads, load_module, optimizer_step, plan_batches, synthetic_examples
 )
+from sdzero_pl.core.artifacts import atomic_write_json  # noqa: E402
 
 IMPLS = ("sdzero", "naive", "trl_distillation", "trl_sdft", "sdzero_drift", "sdzero_tail")
 DEFAULT_IMPLS = IMPLS[:4]
@@ -213,8 +214,7 @@ def main(argv=None) -> int:
                 results[impl].append(spawn(impl, args, work, trl_python, r))
         summary = report(args, results)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(summary, handle, indent=2)
+        atomic_write_json(args.json, summary)
     return 0
 
 

@@ -81,6 +81,17 @@ def free_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def fit_cli(args: list[str]) -> tuple[object, float, dict[str, float]]:
+    """A fit through main.py's CLI: the CLI object, its wall time and the trainer's scalar metrics."""
+    from sdzero_pl.cli import main
+
+    sys.argv[1:] = []  # LightningCLI reads `args`, not the driver's own arguments
+    start = time.perf_counter()
+    cli = main(args)
+    seconds = time.perf_counter() - start
+    return cli, seconds, {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+
+
 # ------------------------------------------------------------------------------------------- the shared model
 def build(ctx: Context) -> dict:
     """A random Qwen3 (~110M parameters; toy in smoke mode) and the char tokenizer from config: no download."""

@@ -8,7 +8,7 @@
 #                                      # image's): bf16 numerics, distillation-loss benchmark (float32), HF generate
 #                                      # tokens/s, a Phase-2 step at Qwen3-4B shapes, FSDP1 Phase-2 fit, then issue
 #                                      # 16's figures: the bf16 distillation loss and fixed-count vs length-aware
-#                                      # micro-batching at Qwen3-4B shapes. Timeout 540 s (GPU_CHECK_TIMEOUT).
+#                                      # micro-batching at Qwen3-4B shapes. Timeout 470 s (GPU_CHECK_TIMEOUT).
 #   bash scripts/gpu_check.sh vllm     # part 2, on your own GPU machine with `pip install -e .[vllm]`: vLLM tokens/s vs
 #                                      # HF, refresh time and parity, bf16 log-prob gap, FSDP1 fit with sleep mode
 #   GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh device   # part 1 on CPU at toy sizes through the SAME carried-wheel
@@ -55,7 +55,7 @@ device)
     pythonpath="$site:$image:$PWD"
     flags=(-S)
   fi
-  PYTHONPATH="$pythonpath" timeout "${GPU_CHECK_TIMEOUT:-540}" "$python" "${flags[@]}" scripts/gpu_check.py device \
+  PYTHONPATH="$pythonpath" timeout "${GPU_CHECK_TIMEOUT:-470}" "$python" "${flags[@]}" scripts/gpu_check.py device \
     --out "$out" "$@"
   ;;
 vllm)

@@ -11,11 +11,10 @@ toy ones in ``GPU_CHECK_SMOKE=1`` mode (CPU, figures meaningless).
 from __future__ import annotations
 
 import copy
-import sys
 import time
 
 import torch
-from gpu_check import DEVICE, DTYPE, SMOKE, Context, N, peak_gib, step, sync
+from gpu_check import DEVICE, DTYPE, SMOKE, Context, N, fit_cli, peak_gib, step, sync
 
 # Qwen3-4B-Instruct-2507's shapes (its config.json): the model of the paper's main table.
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -210,8 +209,6 @@ def fit_fsdp(ctx: Context) -> dict:
     (12 steps; smoke: 16 prompts, batch 4, 6 steps, a sync every 2)."""
     from safetensors.torch import load_file
 
-    from sdzero_pl.cli import main
-
     run = ctx.work / "fit_fsdp"
     prompts, batch, sync_every = (16, 4, 2) if SMOKE else (64, 8, 4)
     steps = 3 * prompts // (batch * 2)  # configs/tiny/sdzero.yaml accumulates 2 micro-batches
@@ -227,11 +224,7 @@ def fit_fsdp(ctx: Context) -> dict:
         f"--data.init_args.rollout.init_args.max_new_tokens={128 // N}", "--data.init_args.rollout.init_args.batch_size=64",
         "--data.init_args.rollout.init_args.show_progress=false",
     ]
-    sys.argv[1:] = []  # LightningCLI reads `args`, not the driver's own arguments
-    start = time.perf_counter()
-    cli = main(args)
-    seconds = time.perf_counter() - start
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+    cli, seconds, metrics = fit_cli(args)
     exported = load_file(f"{run}/hf_model/model.safetensors")
     started = load_file(str(ctx.model_dir / "model.safetensors"))
     moved = sum(not torch.equal(exported[k].float(), started[k].float()) for k in started)

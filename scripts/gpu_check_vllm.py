@@ -11,11 +11,10 @@ so ``gpu_check.sh vllm`` runs each step below in its own process, sharing one wo
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import torch
-from gpu_check import DEVICE, DTYPE, SMOKE, Context, N, peak_gib, step, sync
+from gpu_check import DEVICE, DTYPE, SMOKE, Context, N, fit_cli, peak_gib, step, sync
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -100,8 +99,6 @@ def engine(ctx: Context) -> dict:
 def _fit(ctx: Context, sleep: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from sdzero_pl.cli import main
-
     run = ctx.work / ("fit-sleep" if sleep else "fit")
     args = [
         "fit", "--config", "configs/tiny/sdzero_vllm.yaml",
@@ -119,11 +116,7 @@ def _fit(ctx: Context, sleep: bool) -> dict:
         f"--data.init_args.rollout.init_args.enable_sleep_mode={str(sleep).lower()}",
         "--data.init_args.rollout.init_args.show_progress=false",
     ]
-    sys.argv[1:] = []  # LightningCLI reads `args`, not the driver's own arguments
-    start = time.perf_counter()
-    cli = main(args)
-    seconds = time.perf_counter() - start
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+    cli, seconds, metrics = fit_cli(args)
     exported = AutoModelForCausalLM.from_pretrained(f"{run}/hf_model")
     ok = (cli.trainer.global_step > 0 and cli.model.sharding == (None if SMOKE else "fsdp1")
           and metrics.get("rollout/logprob_gap", 1.0) < GAP_REFRESHED_MAX

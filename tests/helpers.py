@@ -10,6 +10,17 @@ from sdzero_pl.tasks import RewardBatch, Verifier
 
 DIGITS = "0123456789"
 
+SETSID_DAEMON = """
+import os, time
+if os.fork() == 0:
+    os.setsid()  # leave the process group
+    if os.fork() == 0:
+        time.sleep(30)
+    os._exit(0)
+print("ok")
+"""
+"""A Python program whose grandchild leaves the process group and outlives it: the sandbox must kill it."""
+
 
 class StartsWithDigit(Verifier):
     """Toy task: reward 1 iff the completion starts with a digit (about 10% of a random char-level model's

@@ -26,7 +26,6 @@ from typing import Sequence
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from sdzero_pl.contracts import PolicyModule
@@ -40,7 +39,7 @@ from sdzero_pl.data.records import (
     summarize
 )
 from sdzero_pl.phase1.clean import trim_repeating_tail
-from sdzero_pl.phase1.data import SFTPlan
+from sdzero_pl.phase1.data import PlannedSFTData, SFTPlan
 from sdzero_pl.phase1.srt import SRTExample, build_srt_example
 from sdzero_pl.rollout import HFRollout, RolloutBackend
 from sdzero_pl.tasks import MathReward, Verifier
@@ -187,7 +186,7 @@ def encode_sample(tokenizer: PreTrainedTokenizerBase, sample: dict, max_length: 
 
 
 # --------------------------------------------------------------------------------------------- the data module
-class RFTDataModule(L.LightningDataModule):
+class RFTDataModule(PlannedSFTData, L.LightningDataModule):
     """Collects (or reuses) correct samples of the model being trained, then serves SFT micro-batches to
     :class:`~sdzero_pl.phase1.SelfReviseSFTModule` (the :class:`~sdzero_pl.contracts.SFTData` contract)."""
 
@@ -304,21 +303,6 @@ class RFTDataModule(L.LightningDataModule):
         rank_zero_info(f"RFT data: {len(samples)} correct samples of {totals['generations']} generations "
                        f"({totals['questions']} questions) in {self.paths().records}; cleaning: {cleaning}")
 
-    # ------------------------------------------------------------------ the SFT module's data-module contract
-    def stage_of_epoch(self, epoch: int) -> int:
-        return 0  # one stage
-
-    def stage_steps(self, trainer) -> list[int]:
-        return self.plan.stage_steps(trainer)
-
-    def train_dataloader(self) -> DataLoader:
-        loader = self.plan.dataloader(self.trainer, self.pad_id)
-        self.stats.update(self.plan.epoch_stats)  # logged by the module at the epoch's start
-        return loader
-
-    def teardown(self, stage: str) -> None:
-        if self.plan is not None and self.trainer is not None and stage == "fit":
-            self.plan.release(self.trainer)
-
+    # ------------------------------------------------------ the SFT module's data-module contract (PlannedSFTData)
     def handoff(self) -> None:
         return None  # RFT is a baseline: nothing for Phase 2 to match

@@ -74,9 +74,9 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a directory's entries (a rename, a new file) durable."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Make a file's content, or a directory's entries (a rename, a new file), durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -102,7 +102,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -140,7 +140,7 @@ def write_manifest(directory: str | os.PathLike, kind: str, names: list[str] | N
     directory = Path(directory)
     entries = manifest_entries(directory, names)
     for name in entries if sync else ():
-        _fsync_file(directory / name)
+        fsync_path(directory / name)
     return atomic_write_json(directory / MANIFEST, {"format": FORMAT_VERSION, "kind": kind, "files": entries})
 
 
@@ -174,14 +174,6 @@ def is_complete(directory: str | os.PathLike, verify: bool = False) -> bool:
     return True
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------------------------- directories
 @contextlib.contextmanager
 def staged_dir(path: str | os.PathLike, kind: str) -> Iterator[Path]:
@@ -210,7 +202,7 @@ def staged_dir(path: str | os.PathLike, kind: str) -> Iterator[Path]:
             old = _partial_name(path)
             os.replace(path, old)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
         if old is not None:
             _remove(old)
     except BaseException:
@@ -224,10 +216,10 @@ def _publish(directory: Path) -> None:
         for name in files:
             file = Path(root) / name
             os.chmod(file, FILE_MODE)
-            _fsync_file(file)
+            fsync_path(file)
         for name in dirs:
             os.chmod(Path(root) / name, DIR_MODE)
-        fsync_dir(Path(root))
+        fsync_path(Path(root))
     os.chmod(directory, DIR_MODE)
 
 

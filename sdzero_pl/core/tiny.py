@@ -50,33 +50,18 @@ def build_char_tokenizer(chars: str = DEFAULT_CHARS) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_qwen3_config(
-    vocab_size: int,
-    hidden_size: int = 64,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    num_key_value_heads: int = 1,
-    head_dim: int = 32,
-    intermediate_size: int = 128,
-    max_position_embeddings: int = 1024,
-    tie_word_embeddings: bool = True,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-) -> Qwen3Config:
-    return Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        bos_token_id=None,
-    )
+def tiny_qwen3_config(vocab_size: int, **overrides) -> Qwen3Config:
+    """A tiny Qwen3 config: :data:`TINY_QWEN3` with ``overrides`` of its fields."""
+    unknown = sorted(set(overrides) - set(TINY_QWEN3))
+    if unknown:  # Qwen3Config would keep an unknown keyword as an attribute without a word
+        raise TypeError(f"tiny_qwen3_config: unknown fields {unknown} (known: {sorted(TINY_QWEN3)})")
+    return Qwen3Config(vocab_size=vocab_size, **{**TINY_QWEN3, **overrides}, bos_token_id=None)
+
+
+TINY_QWEN3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True,
+                  eos_token_id=None, pad_token_id=None)
+"""The tiny model's shapes (hidden 64, 2 layers, head_dim 32): what the tests and the demo's random base use."""
 
 
 def save_tiny_model(

@@ -129,8 +129,32 @@ class SFTPlan:
         self.batcher.release(trainer)
 
 
+class PlannedSFTData:
+    """The SFT module's data-module contract (:class:`~sdzero_pl.contracts.SFTData`) served by the
+    :class:`SFTPlan` a data module builds in ``setup`` (``self.plan``), with its ``pad_id`` and ``stats``."""
+
+    plan: SFTPlan | None
+    pad_id: int
+    stats: dict[str, float]
+
+    def stage_of_epoch(self, epoch: int) -> int:
+        return self.plan.stage_of_epoch(epoch)
+
+    def stage_steps(self, trainer) -> list[int]:
+        return self.plan.stage_steps(trainer)
+
+    def train_dataloader(self) -> DataLoader:
+        loader = self.plan.dataloader(self.trainer, self.pad_id)
+        self.stats.update(self.plan.epoch_stats)  # logged by the module at the epoch's start
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        if self.plan is not None and self.trainer is not None and stage == "fit":
+            self.plan.release(self.trainer)
+
+
 # ------------------------------------------------------------------------------------------ the data module
-class TraceDataModule(L.LightningDataModule):
+class TraceDataModule(PlannedSFTData, L.LightningDataModule):
     """Collects (or reuses) Phase-1 traces with the model being trained, then serves SRT micro-batches."""
 
     def __init__(
@@ -296,21 +320,6 @@ class TraceDataModule(L.LightningDataModule):
         return BudgetLedger(self.paths().budget).totals() if self.paths().budget.exists() else {}
 
     # ------------------------------------------------------------------------ 3. the SFT module's contract
-    def stage_of_epoch(self, epoch: int) -> int:
-        return self.plan.stage_of_epoch(epoch)
-
-    def stage_steps(self, trainer) -> list[int]:
-        return self.plan.stage_steps(trainer)
-
-    def train_dataloader(self) -> DataLoader:
-        loader = self.plan.dataloader(self.trainer, self.pad_id)
-        self.stats.update(self.plan.epoch_stats)  # logged by the module at the epoch's start
-        return loader
-
-    def teardown(self, stage: str) -> None:
-        if self.plan is not None and self.trainer is not None and stage == "fit":
-            self.plan.release(self.trainer)
-
     def handoff(self) -> Handoff:
         """What Phase 2 must match: these control phrases, instruction and system prompt, and these questions."""
         return Handoff.of(self.source, self.control, self._question_ids, self._budget())

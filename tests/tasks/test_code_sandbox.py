@@ -18,6 +18,7 @@ import pytest
 
 from sdzero_pl.tasks.code.reward import CodeReward
 from sdzero_pl.tasks.code.sandbox import Limits, Protections, Sandbox, SandboxRuntime, runtime
+from tests.helpers import SETSID_DAEMON
 
 # A small uid range of this test session's own, so that concurrent sessions never see each other's processes.
 UID_BASE, UID_COUNT = 63000 + (os.getpid() % 200) * 8, 8
@@ -205,15 +206,7 @@ def test_signalling_the_parent_or_the_trainer_fails(rt, reward):
 def test_everything_the_program_started_is_killed_when_it_ends(reward):
     if not (reward.protections.namespaces or reward.protections.uid_switch):
         pytest.skip("a program that leaves its process group can only be found by namespace or uid")
-    value, _, seconds = score(reward, """
-        import os, time
-        if os.fork() == 0:
-            os.setsid()  # leave the process group
-            if os.fork() == 0:
-                time.sleep(30)
-            os._exit(0)
-        print("ok")
-    """)
+    value, _, seconds = score(reward, SETSID_DAEMON)
     assert value == 1.0 and seconds < 6.0
     assert sandbox_uid_processes() == []
 

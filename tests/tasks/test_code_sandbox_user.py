@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SETSID_DAEMON
+
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "s3cret-do-not-leak"
 CPP_ADD = '#include <iostream>\nint main(){long long a,b;std::cin>>a>>b;std::cout<<a+b<<"\\n";}'
@@ -119,15 +121,7 @@ CASES = {
                 pass
         print("killed" if killed else "ok")  # printed at all: its init (and so the run) is still alive
     """, "", "ok\n"),
-    "setsid_daemon": ("python", """
-        import os, time
-        if os.fork() == 0:
-            os.setsid()  # leaves the process group
-            if os.fork() == 0:
-                time.sleep(30)
-            os._exit(0)
-        print("ok")
-    """, "", "ok\n"),
+    "setsid_daemon": ("python", SETSID_DAEMON, "", "ok\n"),
 }
 
 SCRIPT = r"""
