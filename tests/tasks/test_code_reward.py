@@ -80,12 +80,12 @@ def test_programs_run_in_parallel(monkeypatch):
     lock, running, most = threading.Lock(), [0], [0]
     verify = CodeReward.verify_program
 
-    def counted(self, rt, prog):
+    def counted(self, rt, prog, time_limit_s=None):
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
         try:
-            return verify(self, rt, prog)
+            return verify(self, rt, prog, time_limit_s)
         finally:
             with lock:
                 running[0] -= 1
@@ -163,6 +163,19 @@ def test_start_up_check_warns_once_and_verifies_with_on_probe_failure_warn(tmp_p
 
 def test_start_up_check_passes_here(reward):
     assert reward.probe_failures() == []  # a correct C++ and Python program pass on this host
+
+
+def test_start_up_check_asks_whether_programs_pass_not_how_fast():
+    # a per-test limit no program can meet: the check runs at PROBE_TIME_LIMIT_S instead (a loaded host once
+    # failed it at 1 s), while programs are still verified at the configured limit
+    verifier = CodeReward(time_limit_s=0.001, memory_mb=256, num_workers=2)
+    try:
+        assert verifier.probe_failures() == []
+        outcome = verifier.verify_programs([Program("python", "print(sum(map(int, input().split())))",
+                                                    (("2 3\n", "5\n"),))])[0]
+        assert outcome.reward == 0.0 and "longer than 0.001s" in outcome.detail
+    finally:
+        verifier.close()
 
 
 def test_constructor_rejects_bad_probe_and_hide_settings():

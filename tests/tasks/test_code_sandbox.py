@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -346,3 +347,30 @@ def test_mount_plan_binds_a_keep_path_back_under_its_outermost_hidden_directory(
     assert layout.keeps == ((keep, str(home)),)
     under_scratch = plan(str(tmp_path), "size=1m", (), True, hide, [keep], [], [])
     assert under_scratch.hidden == () and under_scratch.keeps == ((keep, str(tmp_path)),)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run processes as a pool uid")
+def test_uid_sweep_returns_only_when_the_uids_processes_are_gone():
+    from sdzero_pl.tasks.code.sandbox import _live_processes, _sweep_uid
+
+    uid = UID_BASE + UID_COUNT - 1
+    children = []
+    for _ in range(20):  # SIGTERM ignored: only the sweep's SIGKILL ends them
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    deadline = time.monotonic() + 10
+    while len(_live_processes(uid)) < len(children) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(_live_processes(uid)) == sorted(children)
+    _sweep_uid(uid, ())
+    assert _live_processes(uid) == []  # not a moment later: on return
+    for pid in children:
+        os.waitpid(pid, 0)

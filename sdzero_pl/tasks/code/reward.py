@@ -43,6 +43,8 @@ LANGUAGES = {"python": "python", "py": "python", "python3": "python", "cpp": "cp
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([^\s`]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.MULTILINE | re.DOTALL)
 _TIMEOUT_STATUSES = ("timeout", "program_timeout")
 _PROBE_TESTS = (("2 3\n", "5\n"), ("-7 10\n", "3\n"))
+PROBE_TIME_LIMIT_S = 10.0
+"""The start-up check's per-test limit (at least the configured one)."""
 _PROBE = {  # correct A+B programs: the start-up check of the verifier process
     "C++": ("cpp", '#include <iostream>\nint main() { long long a, b; std::cin >> a >> b; std::cout << a + b; }'),
     "Python": ("python", "a, b = map(int, input().split())\nprint(a + b)\n"),
@@ -262,13 +264,14 @@ class CodeReward(Verifier):
             os.path.dirname(os.path.dirname(p)) for p in (os.path.abspath(compiler), os.path.realpath(compiler))))
         return sb.runtime(self.uid_base, self.uid_count, self.python_executable, self.hide_paths, keeps)
 
-    def verify_programs(self, programs: Sequence[Program]) -> list[Outcome]:
-        """Verify in THIS process (the verifier worker calls it; tests may too), ``num_workers`` at a time."""
+    def verify_programs(self, programs: Sequence[Program], time_limit_s: float | None = None) -> list[Outcome]:
+        """Verify in THIS process (the verifier worker calls it; tests may too), ``num_workers`` at a time;
+        ``time_limit_s`` replaces the per-test limit."""
         rt = self.runtime()
         if any(p.language == "cpp" for p in programs) and shutil.which(self.cpp_compiler) is None:
             raise RuntimeError(f"C++ compiler {self.cpp_compiler!r} not found on PATH (set `cpp_compiler`)")
         with ThreadPoolExecutor(self.num_workers) as pool:
-            return list(pool.map(lambda p: self.verify_program(rt, p), programs))
+            return list(pool.map(lambda p: self.verify_program(rt, p, time_limit_s), programs))
 
     def probe_failures(self) -> list[str]:
         """The start-up check: ``"<language>: <error>"`` for each correct A+B program that does not pass here."""
@@ -277,14 +280,18 @@ class CodeReward(Verifier):
         if shutil.which(self.cpp_compiler) is None:
             failures.append(f"C++: compiler {self.cpp_compiler!r} not found on PATH (set `cpp_compiler`)")
             del programs["C++"]
-        outcomes = self.verify_programs(list(programs.values()))
+        # it asks whether a correct program passes here, not how fast: a loaded host must not fail it on time
+        outcomes = self.verify_programs(list(programs.values()), max(self.limits.time_limit_s, PROBE_TIME_LIMIT_S))
         for name, outcome in zip(programs, outcomes):
             if outcome.reward != 1.0:
                 failures.append(f"{name}: {outcome.detail or outcome.status}")
         return failures
 
-    def verify_program(self, rt: sb.SandboxRuntime, program: Program) -> Outcome:
-        deadline = time.monotonic() + self.program_timeout_s
+    def verify_program(self, rt: sb.SandboxRuntime, program: Program, time_limit_s: float | None = None) -> Outcome:
+        per_test, budget = self.limits.time_limit_s, self.program_timeout_s
+        if time_limit_s is not None:
+            per_test, budget = time_limit_s, max(budget, len(program.tests) * time_limit_s)
+        deadline = time.monotonic() + budget
         with sb.Sandbox(rt) as box:
             if program.language == "python":
                 argv = rt.python_argv() + [box.add_file("main.py", program.source.encode("utf-8"))]
@@ -296,8 +303,8 @@ class CodeReward(Verifier):
             for k, (test_input, expected) in enumerate(program.tests, start=1):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return Outcome(0.0, "program_timeout", f"ran longer than {self.program_timeout_s:g}s in all")
-                limits = replace(self.limits, time_limit_s=min(self.limits.time_limit_s, remaining))
+                    return Outcome(0.0, "program_timeout", f"ran longer than {budget:g}s in all")
+                limits = replace(self.limits, time_limit_s=min(per_test, remaining))
                 result = box.run(argv, test_input.encode("utf-8"), limits)
                 failure = _failure(result, k, limits)
                 if failure is None and not outputs_match(result.stdout, expected):

@@ -198,8 +198,8 @@ class Sandbox:
     def close(self) -> None:
         os.close(self._dir_fd)
         shutil.rmtree(self.dir, ignore_errors=True)
-        if self.uid is not None and not self.rt.protections.namespaces:
-            _sweep_uid(self.uid, self.rt.scratch_aliases + (SCRATCH,))
+        if self.uid is not None:  # before the lease is released: the uid's next holder starts with no process
+            _sweep_uid(self.uid, () if self.rt.protections.namespaces else self.rt.scratch_aliases + (SCRATCH,))
         if self._lease_fd is not None:
             os.close(self._lease_fd)
             self._lease_fd = None
@@ -318,19 +318,36 @@ def _plain_nproc(limits: Limits) -> int:
     return tasks + limits.max_processes
 
 
-def _sweep_uid(uid: int, shared_dirs: Sequence[str]) -> None:
-    """Without namespaces: kill every process of the leased uid (a program may have left its process group) and
-    remove what it left in the world-writable directories."""
+def _sweep_uid(uid: int, shared_dirs: Sequence[str], timeout_s: float = 30.0) -> None:
+    """Kill every process of the leased uid and wait until none is left, then remove what it left in
+    ``shared_dirs`` (the world-writable directories, without namespaces).
+
+    A program may have left its process group; with a PID namespace the kernel kills what is left when its init
+    dies, but a fork bomb's hundreds of processes take a while to exit on a loaded host, and until they have, they
+    count against the uid's RLIMIT_NPROC: the uid's next holder could not even start a correct program."""
     pid = os.fork()
-    if pid == 0:  # as that uid, kill(-1) reaches exactly its processes
+    if pid == 0:  # as that uid, kill(-1) reaches exactly its processes (in child PID namespaces too)
         try:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-            os.kill(-1, signal.SIGKILL)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    os.kill(-1, signal.SIGKILL)
+                except ProcessLookupError:  # nothing of the uid is left, zombies included
+                    os._exit(0)
+                if not _live_processes(uid):  # zombies only: their reaper's business
+                    os._exit(0)
+                if time.monotonic() > deadline:
+                    os._exit(1)
+                time.sleep(0.01)
         finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        logger.warning("sandbox uid %d: processes still alive %g s after SIGKILL (%s)", uid, timeout_s,
+                       _live_processes(uid)[:10])
     for directory in shared_dirs:
         for entry in os.scandir(directory):
             if entry.stat(follow_symlinks=False).st_uid != uid:
@@ -339,6 +356,22 @@ def _sweep_uid(uid: int, shared_dirs: Sequence[str]) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 os.unlink(entry.path)
+
+
+def _live_processes(uid: int) -> list[int]:
+    """Host pids of the processes whose real uid is ``uid`` and that are not zombies (the caller left out)."""
+    pids, me = [], str(os.getpid())
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or entry.name == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as handle:
+                fields = dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+            pids.append(int(entry.name))
+    return pids
 
 
 def _read_capped(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, str]:
