@@ -6,7 +6,8 @@ each epoch's rollouts (the data module's ``on_before_rollout`` hook: Lightning b
 weights into it, one tensor at a time, gathered from DDP / FSDP1 / FSDP2 shards without a second full copy of the
 model, and the engine drops its prefix cache. No optimizer step since the last push: nothing to push. After a
 resume (``--ckpt_path``) the engine's disk weights are not the restored ones, so the first rollouts push first.
-Weights are never reloaded from disk after a push. ``rollout/logprob_gap`` shows whether it worked.
+Weights are never reloaded from disk after a push. ``rollout/logprob_gap`` shows whether it worked. A LoRA policy
+pushes its merged weights ``W + s * B @ A`` (one layer at a time), so the engine needs no LoRA support of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from sdzero_pl.core.sharding import full_named_tensors
+from sdzero_pl.core.lora import hf_named_tensors
 from sdzero_pl.rollout import RolloutBackend, RolloutCallback, VLLMRollout
 
 
@@ -50,7 +51,7 @@ class VLLMWeightRefresh(RolloutCallback):
         if self._pushed_step == trainer.global_step and not rollout.weights_lost:
             self.skips += 1
             return
-        self.last_push_s = rollout.update_weights(full_named_tensors(policy))
+        self.last_push_s = rollout.update_weights(hf_named_tensors(policy))
         self._pushed_step = trainer.global_step
         self.pushes += 1
 

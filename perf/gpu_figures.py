@@ -8,7 +8,9 @@
   ``torch.cuda.max_memory_allocated``, padded-token share, gradient agreement (perf/bench_batching.py);
 * ``distill_loss``: the distillation loss alone at Qwen3-4B's LM head (4,096 completion tokens, k = 64) in bf16,
   chunked vs naive full logits: time, peak memory and the working memory above the LM-head gradient
-  (perf/bench_distill_loss.py).
+  (perf/bench_distill_loss.py);
+* ``lora_memory`` (issue 17): a Phase-2 step, full fine-tune vs LoRA, at Qwen3-1.7B shapes in bf16: peak memory
+  (target: LoRA <= 0.4x), step time, trainable parameters and AdamW state (perf/bench_lora.py).
 
     python perf/gpu_figures.py WORK_DIR [batching|distill_loss ...]     # on a GPU: both, about 4-6 minutes
     GPU_CHECK_SMOKE=1 python perf/gpu_figures.py WORK_DIR                 # the same steps on CPU at toy sizes
@@ -54,7 +56,22 @@ def distill_loss(work: str, smoke: bool = SMOKE) -> dict:
     return {"ok": chunked["equal"], **figures}
 
 
-STEPS = {"batching": batching, "distill_loss": distill_loss}
+def lora_memory(work: str, smoke: bool = SMOKE) -> dict:
+    """Issue 17: one Phase-2 step, full fine-tune (student + teacher copy) vs LoRA (one copy, rank 16 all-linear), at
+    Qwen3-1.7B shapes in bf16 with gradient checkpointing, 8 rollouts of 32-1,024 tokens as micro-batches of 2: peak
+    ``torch.cuda.max_memory_allocated``, step time, trainable parameters, AdamW state (perf/bench_lora.py)."""
+    from perf import bench_lora
+
+    argv = (["--sizes", "smoke", "--samples", "4", "--high", "32", "--rounds", "1", "--top-k", "8"] if smoke else
+            ["--sizes", "qwen3-1.7b", "--device", "cuda", "--dtype", "bfloat16", "--high", "1024", "--median", "300",
+             "--batch-size", "2", "--accumulate", "4", "--rounds", "1"])
+    summary = bench_lora.run(bench_lora.parse_args([*argv, "--keep", os.path.join(work, "lora_memory")]))
+    bench_lora.report(summary)
+    targets = summary.pop("ok")  # smoke sizes say nothing about the memory target; the zero-adapter loss must agree
+    return {"ok": all(targets.values()) if not smoke else targets["equal_loss"], "targets": targets, **summary}
+
+
+STEPS = {"batching": batching, "distill_loss": distill_loss, "lora_memory": lora_memory}
 
 
 def main(argv: list[str]) -> int:

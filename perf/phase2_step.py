@@ -94,13 +94,14 @@ def plan_batches(examples, batch_size: int, accumulate: int, batching, pad_id: i
 
 def load_module(model_dir: str, dtype: str, device: str, trainer, chunk_size: int = 512,
                 gradient_checkpointing: bool = False, drift_every_n_steps: int = 0, tail: bool = False,
-                top_k: int = 64):
-    """The project's SelfDistillModule (student + frozen teacher copy) on ``device``, bound to a stub trainer."""
+                top_k: int = 64, lora=None):
+    """The project's SelfDistillModule (student + frozen teacher copy; with ``lora`` (LoraArgs) the student's
+    adapters and no copy) on ``device``, bound to a stub trainer."""
     from sdzero_pl.phase2.distill import SelfDistillModule
 
     module = SelfDistillModule(model_dir, dtype=dtype, top_k=top_k, chunk_size=chunk_size,
                                gradient_checkpointing=gradient_checkpointing, drift_every_n_steps=drift_every_n_steps,
-                               tail=tail)
+                               tail=tail, lora=lora)
     module.configure_model()
     module.to(device)
     module.trainer = trainer

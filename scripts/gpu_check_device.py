@@ -255,3 +255,14 @@ def batching(ctx: Context) -> dict:
     from perf import gpu_figures
 
     return gpu_figures.batching(str(ctx.work), smoke=SMOKE)
+
+
+# Issue 17's figure (perf/gpu_figures.py), after issue 16's.
+@step("device", "phase2_lora")
+def phase2_lora(ctx: Context) -> dict:
+    """One Phase-2 step, full fine-tune (student + frozen teacher copy) vs LoRA (one weight copy, the teacher = the
+    adapters off), at Qwen3-1.7B shapes in bf16, each in its own subprocess: peak memory, step time, trainable
+    parameters, AdamW state (perf/bench_lora.py)."""
+    from perf import gpu_figures
+
+    return gpu_figures.lora_memory(str(ctx.work), smoke=SMOKE)

@@ -53,3 +53,19 @@ class LongTailRollout(HFRollout):
             keep = max(1, int(len(rollout.completion_ids) * u**3))
             out.append(Rollout(rollout.completion_ids[:keep], "length"))
         return out
+
+
+def assert_only_adapters_changed(model, start_dir: str) -> None:
+    """A LoRA fit: every base weight equals the start model's, every adapter B moved (sdzero_pl/core/lora.py)."""
+    import torch
+
+    from sdzero_pl.core.lora import ADAPTER, lora_layers
+    from sdzero_pl.core.models import load_model
+
+    params = list(model.named_parameters())
+    start = dict(load_model(start_dir, str(params[0][1].dtype).removeprefix("torch.")).named_parameters())
+    frozen = [(n, p) for n, p in params if not p.requires_grad]
+    assert frozen and len(params) - len(frozen) == 2 * len(lora_layers(model))
+    for name, param in frozen:
+        assert torch.equal(param, start[name.replace(".base_layer", "")]), f"{name} changed"
+    assert all(float(layer.lora_B[ADAPTER].weight.detach().abs().max()) > 0 for layer in lora_layers(model))

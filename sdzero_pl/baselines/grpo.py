@@ -23,7 +23,8 @@ batch. With one optimizer step per epoch the ratio is 1 and the clip never fires
 optimizer steps per epoch (``accumulate_grad_batches`` smaller than the epoch's micro-batches) make it matter.
 Log-probs use the rollout temperature (logits / T), the distribution the completions were sampled from.
 Generations and generated tokens go to ``budget.json`` (:class:`~sdzero_pl.core.budget.BudgetLedger`, phase
-``"grpo/rollout"``) and to the logs (``rollout/generations``, ``rollout/generated_tokens``).
+``"grpo/rollout"``) and to the logs (``rollout/generations``, ``rollout/generated_tokens``). With ``lora`` only
+adapters train and the KL reference is the policy itself with its adapters off (:mod:`sdzero_pl.core.lora`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from sdzero_pl.contracts import GroupRollouts, connect
 from sdzero_pl.core.artifacts import use_atomic_checkpoints
 from sdzero_pl.core.guard import guard_callbacks
+from sdzero_pl.core.lora import LoraArgs, attach_lora, base_forward, lora_export, lora_summary, trainable
 from sdzero_pl.core.losses import normalised_sum, token_logps
 from sdzero_pl.core.models import (
     EXPORT_KEY, check_dtypes, check_model_source, export_hf, export_path, hidden_states, load_model, load_policy,
@@ -122,6 +124,7 @@ class GRPOModule(L.LightningModule):
         ref_name_or_path: str | None = None,
         chunk_size: int = 1024,
         optim: OptimArgs = GRPO_OPTIM,
+        lora: LoraArgs | None = None,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
         export_dtype: str | None = None,
@@ -134,9 +137,11 @@ class GRPOModule(L.LightningModule):
             clip_low: lower clip range, ratio >= 1 - clip_low (DAPO: 0.2).
             clip_high: upper clip range, ratio <= 1 + clip_high (DAPO "Clip-Higher": 0.28).
             kl_coef: weight of the k3 KL to a frozen reference (DAPO: 0, no reference is loaded then).
-            ref_name_or_path: the frozen reference when ``kl_coef > 0``; default a copy of the policy's start.
+            ref_name_or_path: the frozen reference when ``kl_coef > 0``; default a copy of the policy's start (with
+                ``lora``: the policy itself with its adapters off; a separate reference is refused).
             chunk_size: tokens per chunk of the output layer + log-softmax (memory bound).
             optim: AdamW and its schedule (DAPO: lr 1e-6, weight decay 0.1, 10 warm-up steps, then constant).
+            lora: train LoRA adapters on frozen weights instead of every weight (null: full fine-tune).
             gradient_checkpointing: recompute activations in backward to save memory.
             export_dir: where the final HF model goes; default ``<default_root_dir>/hf_model``.
             export_dtype: dtype of the exported weights (e.g. bfloat16); default: as trained.
@@ -148,10 +153,15 @@ class GRPOModule(L.LightningModule):
         if chunk_size < 1:
             raise ValueError(f"`--model.chunk_size` must be >= 1, got {chunk_size}")
         check_dtypes(dtype, export_dtype)
+        if ref_name_or_path and lora is not None:
+            raise ValueError(f"`--model.ref_name_or_path` ({ref_name_or_path!r}) cannot be combined with `--model.lora`: "
+                             "with LoRA the reference is the policy's own base weights with the adapters off (one copy "
+                             "of the weights); drop one of the two")
         if kl_coef > 0 and ref_name_or_path:
             check_model_source(ref_name_or_path, "--model.ref_name_or_path")
         self.save_hyperparameters()
         self.optim = OptimArgs.hold(self, optim)
+        self.lora = LoraArgs.hold(self, lora)
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.chunk_size = chunk_size
         self.policy: torch.nn.Module | None = None
@@ -182,7 +192,10 @@ class GRPOModule(L.LightningModule):
             return
         hp = self.hparams
         self.policy = load_policy(hp.model_name_or_path, hp.dtype, hp.gradient_checkpointing)
-        if hp.kl_coef > 0:
+        if self.lora is not None:  # the reference (kl_coef > 0) is this model with its adapters off
+            self.policy = attach_lora(self.policy, self.lora)
+            rank_zero_info(lora_summary(self.policy))
+        elif hp.kl_coef > 0:
             self.ref = (load_model(hp.ref_name_or_path, hp.dtype, flag="--model.ref_name_or_path")
                         if hp.ref_name_or_path else copy.deepcopy(self.policy))
             self.ref.eval()
@@ -205,8 +218,10 @@ class GRPOModule(L.LightningModule):
         try:
             with self.trainer.precision_plugin.forward_context():
                 out = {"old_logps": completion_logps(self.policy, batch, temperature, chunk)[0].float().cpu()}
-                if self.ref is not None:
-                    out["ref_logps"] = completion_logps(self.ref, batch, temperature, chunk)[0].float().cpu()
+                if self.hparams.kl_coef > 0:
+                    ref_logps = (base_forward(self.policy, completion_logps, batch, temperature, chunk)
+                                 if self.lora is not None else completion_logps(self.ref, batch, temperature, chunk))
+                    out["ref_logps"] = ref_logps[0].float().cpu()
         finally:
             self.policy.train(was_training)
         return out
@@ -217,8 +232,9 @@ class GRPOModule(L.LightningModule):
         logps, hidden = completion_logps(self.policy, batch, float(batch["temperature"]), hp.chunk_size)  # (N,)
         pg = clipped_pg_loss(logps, batch["old_logps"], token_advantages(batch), hp.clip_low, hp.clip_high)
         per_token = pg["loss"]  # (N,)
-        kl = k3_kl(logps, batch["ref_logps"]) if self.ref is not None else torch.zeros_like(per_token)
-        if self.ref is not None:
+        with_kl = hp.kl_coef > 0
+        kl = k3_kl(logps, batch["ref_logps"]) if with_kl else torch.zeros_like(per_token)
+        if with_kl:
             per_token = per_token + hp.kl_coef * kl
         loss = normalised_sum(per_token, int(batch["global_tokens"]), self.trainer.accumulate_grad_batches,
                               self.trainer.world_size)
@@ -255,12 +271,13 @@ class GRPOModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         steps = self.data.optimizer_steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
-        return optimizer_for(self.policy.parameters(), self.optim, self.trainer, steps)
+        return optimizer_for(trainable(self.policy), self.optim, self.trainer, steps)
 
     def on_train_end(self) -> None:
         path = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
-        if self.trainer.is_global_zero:
-            export_hf(self.policy, self.tokenizer, path, dtype=self.hparams.export_dtype,
-                      budget=self.data.budget_path())
+        state, adapter = lora_export(self.policy, self.start_model) if self.lora is not None else (None, None)
+        if self.trainer.is_global_zero:  # LoRA: the merged model, and the adapter alone in its adapter/ folder
+            export_hf(self.policy, self.tokenizer, path, state_dict=state, dtype=self.hparams.export_dtype,
+                      budget=self.data.budget_path(), extra=adapter)
             rank_zero_info(f"GRPO policy saved as a Hugging Face model in {path}")
         self.trainer.strategy.barrier("export")

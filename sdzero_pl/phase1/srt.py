@@ -18,7 +18,8 @@ assistant turn (as the Phase-2 teacher sees it); the reference code puts x + ini
 
 At the end of ``fit`` the model and tokenizer are saved as a standard HF directory (``export_dir``), the start of
 Phase 2's student and teacher, with ``budget.json`` (the generations that made it) and, for Phase 1, the hand-off
-record Phase 2 checks (:mod:`sdzero_pl.phase1.handoff`). RFT trains with this same module (its data module serves
+record Phase 2 checks (:mod:`sdzero_pl.phase1.handoff`). With ``lora`` only adapters train (frozen base); the export is
+the merged model, with the adapter alone in its ``adapter/`` folder (:mod:`sdzero_pl.core.lora`). RFT trains with this same module (its data module serves
 ``chat(x) + y + EOS`` examples whose revision mask is empty).
 """
 
@@ -36,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from sdzero_pl.contracts import SFTData, connect
 from sdzero_pl.core.artifacts import use_atomic_checkpoints
 from sdzero_pl.core.guard import guard_callbacks
+from sdzero_pl.core.lora import LoraArgs, attach_lora, lora_export, lora_summary, trainable
 from sdzero_pl.core.losses import normalised_sum, token_logps
 from sdzero_pl.core.models import (
     EXPORT_KEY, check_dtypes, export_hf, export_path, hidden_states, load_policy, load_tokenizer, output_weight
@@ -173,6 +175,7 @@ class SelfReviseSFTModule(L.LightningModule):
         model_name_or_path: str,
         dtype: str = "bfloat16",
         optim: OptimArgs = SRT_OPTIM,
+        lora: LoraArgs | None = None,
         chunk_size: int = 1024,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
@@ -184,6 +187,8 @@ class SelfReviseSFTModule(L.LightningModule):
             dtype: weights dtype: float32, bfloat16, float16 or float64 (float32 + ``trainer.precision:
                 bf16-mixed`` keeps fp32 master weights, which a 5e-6 learning rate needs).
             optim: AdamW and its schedule (paper: lr 5e-6, cosine, 5% warm-up, weight decay 1e-4, betas 0.9 / 0.95).
+            lora: train LoRA adapters on frozen weights instead of every weight (null: full fine-tune). The traces
+                are sampled before training, when the zero adapters leave the model unchanged.
             chunk_size: tokens per chunk of the output-layer + cross-entropy computation (memory bound).
             gradient_checkpointing: recompute activations in backward to save memory (paper: on).
             export_dir: where the final HF model goes; default ``<default_root_dir>/hf_model``.
@@ -195,6 +200,7 @@ class SelfReviseSFTModule(L.LightningModule):
         check_dtypes(dtype, export_dtype)
         self.save_hyperparameters()
         self.optim = OptimArgs.hold(self, optim)
+        self.lora = LoraArgs.hold(self, lora)
         self.chunk_size = chunk_size
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.policy: torch.nn.Module | None = None
@@ -225,6 +231,9 @@ class SelfReviseSFTModule(L.LightningModule):
         if self.policy is not None:
             return
         self.policy = load_policy(self.hparams.model_name_or_path, self.hparams.dtype, self.hparams.gradient_checkpointing)
+        if self.lora is not None:
+            self.policy = attach_lora(self.policy, self.lora)
+            rank_zero_info(lora_summary(self.policy))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         start = time.perf_counter()
@@ -249,19 +258,26 @@ class SelfReviseSFTModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         # each stage warms up and decays on its own, as two separate runs would
-        return build_optimizer(self.policy.parameters(), self.optim, self.data.stage_steps(self.trainer))
+        return build_optimizer(trainable(self.policy), self.optim, self.data.stage_steps(self.trainer))
 
     def on_fit_end(self) -> None:
         """Save the SRT model as a standard HF directory (also when there was nothing to train on), with its sample
         budget and the hand-off record Phase 2 checks."""
         path = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
+        state, adapter = lora_export(self.policy, self.start_model) if self.lora is not None else (None, None)
         if self.trainer.is_global_zero:
             budget = self.data.paths().budget
             if not budget.is_file():  # e.g. trained on --data.extra_traces_file only: nothing was sampled here
                 rank_zero_warn(f"{budget} does not exist: the export carries no budget.json")
             handoff = self.data.handoff()
-            export_hf(self.policy, self.tokenizer, path, dtype=self.hparams.export_dtype,
-                      budget=budget if budget.is_file() else None,
-                      extra=None if handoff is None else lambda directory: write_handoff(directory, handoff))
+
+            def extra(directory) -> None:  # the hand-off record and the adapter alone, inside the export
+                if handoff is not None:
+                    write_handoff(directory, handoff)
+                if adapter is not None:
+                    adapter(directory)
+
+            export_hf(self.policy, self.tokenizer, path, state_dict=state, dtype=self.hparams.export_dtype,
+                      budget=budget if budget.is_file() else None, extra=extra)
             rank_zero_info(f"SFT model saved as a Hugging Face model in {path}")
         self.trainer.strategy.barrier("export")

@@ -14,6 +14,10 @@ probability mass on the teacher's top-k (the renormalised loss cannot see mass t
 to ``teacher/topk_mass``; ``tail=True`` adds a (k+1)-th "rest" bucket to both distributions (off: the paper).
 At the end of ``fit`` the student is saved as a standard HF directory (model + tokenizer).
 
+LoRA (``--model.lora.*``, :mod:`sdzero_pl.core.lora`): one copy of the weights. The student is the start model plus
+zero-initialised adapters, the teacher is the same module with its adapters off (no second model); the teacher sync
+folds the adapters into the base weights and zeroes them; the export is the merged model plus the adapter alone.
+
 Strategies by flag: DDP as is; ``--trainer.strategy=fsdp`` (FSDP1) and ModelParallelStrategy (FSDP2) shard each
 role in ``configure_model`` (``sdzero_pl/core/sharding.py``); every computation on a role goes through :meth:`score`.
 """
@@ -32,6 +36,9 @@ from sdzero_pl.contracts import RolloutData, connect
 from sdzero_pl.core.artifacts import use_atomic_checkpoints
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.guard import guard_callbacks
+from sdzero_pl.core.lora import (
+    LoraArgs, attach_lora, base_forward, lora_export, lora_summary, merge_adapters_, trainable
+)
 from sdzero_pl.core.losses import (
     DIVERGENCES, full_logsumexp, gathered_logits, normalised_sum, teacher_topk, topk_divergence
 )
@@ -62,13 +69,15 @@ class SelfDistillModule(L.LightningModule):
         tail: bool = False,
         drift_every_n_steps: int = 10,
         optim: OptimArgs = PHASE2_OPTIM,
+        lora: LoraArgs | None = None,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
     ) -> None:
         """
         Args:
             model_name_or_path: the student's start (hub id or HF directory), normally the Phase-1 (SRT) output.
-            teacher_name_or_path: the frozen teacher; default: a copy of the student at the start of training.
+            teacher_name_or_path: the frozen teacher; default: a copy of the student at the start of training
+                (with ``lora``: the student's own base weights, adapters off; a separate teacher is refused).
             dtype: weights dtype of both models: float32, bfloat16, float16 or float64.
             top_k: teacher top-k ids the divergence is computed over (paper: 64).
             divergence: "reverse" (paper Eq. 4), "forward" or "mixed" (reference code default).
@@ -83,6 +92,8 @@ class SelfDistillModule(L.LightningModule):
                 ``tail`` it is free and logged every step.
             optim: AdamW and its schedule (paper's launch script: lr 5e-6; reference code: 20 warm-up steps from
                 0.1 x lr, then constant, weight decay 0.01: ``warmup_start: 0.1, weight_decay: 0.01``).
+            lora: train LoRA adapters on frozen weights instead of every weight (null: full fine-tune); the
+                teacher is then the adapter-free base, so only one copy of the weights is held.
             gradient_checkpointing: recompute the student's activations in backward to save memory.
             export_dir: where the final HF model goes; default ``<default_root_dir>/hf_model``.
         """
@@ -99,13 +110,20 @@ class SelfDistillModule(L.LightningModule):
             raise ValueError(f"`--model.drift_every_n_steps` must be >= 0, got {drift_every_n_steps}")
         check_dtypes(dtype)
         if teacher_name_or_path:
+            if lora is not None:
+                raise ValueError(
+                    f"`--model.teacher_name_or_path` ({teacher_name_or_path!r}) cannot be combined with `--model.lora`: "
+                    "with LoRA the teacher is the student's own base weights with the adapters off (one copy of the "
+                    "weights); drop one of the two")
             check_model_source(teacher_name_or_path, "--model.teacher_name_or_path")
         self.save_hyperparameters()
         self.optim = OptimArgs.hold(self, optim)
+        self.lora = LoraArgs.hold(self, lora)
         self.chunk_size = chunk_size
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.policy: torch.nn.Module | None = None  # the student
-        self.teacher: torch.nn.Module | None = None
+        self.teacher: torch.nn.Module | None = None  # None with LoRA: the teacher is the policy, adapters off
+        self.teacher_syncs = 0  # LoRA: merges since the start (the adapter alone applies to the start model at 0)
         self.sharding: str | None = None  # None (single device / DDP), "fsdp1" or "fsdp2"
         self.budget = {"generations": 0, "tokens": 0}  # Phase-2 rollouts generated so far, all ranks
         self.data: RolloutData | None = None
@@ -138,6 +156,11 @@ class SelfDistillModule(L.LightningModule):
             return
         hp = self.hparams
         self.policy = load_policy(hp.model_name_or_path, hp.dtype, hp.gradient_checkpointing)
+        if self.lora is not None:
+            self.policy = attach_lora(self.policy, self.lora)  # the teacher: this model with its adapters off
+            rank_zero_info(lora_summary(self.policy))
+            self._shard()
+            return
         if hp.teacher_name_or_path:
             self.teacher = load_model(hp.teacher_name_or_path, hp.dtype, flag="--model.teacher_name_or_path")
         else:
@@ -154,22 +177,26 @@ class SelfDistillModule(L.LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy
             precision = str(trainer.precision) if trainer is not None else "32-true"
             self.policy = shard_fsdp2(self.policy, self.device_mesh, precision)
-            self.teacher = shard_fsdp2(self.teacher, self.device_mesh, precision)
+            if self.teacher is not None:
+                self.teacher = shard_fsdp2(self.teacher, self.device_mesh, precision)
             self.sharding = "fsdp2"
         elif trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
             self.policy = wrap_fsdp1(self.policy, trainer.strategy)
-            self.teacher = wrap_fsdp1(self.teacher, trainer.strategy)
+            if self.teacher is not None:
+                self.teacher = wrap_fsdp1(self.teacher, trainer.strategy)
             self.sharding = "fsdp1"
-        if self.sharding:
+        if self.sharding and self.teacher is not None:
             self.teacher.eval()  # the new wrappers too
 
     def score(self, role: str, fn, *args):
         """``fn(hf_model, *args)`` on the "policy" (the student) or the "teacher"; when sharded, as one forward of
-        the role's FSDP root, so every parameter ``fn`` touches (decoder, final norm, tied LM head) is gathered for it."""
-        roles = {"policy": self.policy, "teacher": self.teacher}
-        if role not in roles:
-            raise ValueError(f"`role` must be one of {sorted(roles)}, got {role!r}")
-        model = roles[role]
+        the role's FSDP root, so every parameter ``fn`` touches (decoder, final norm, tied LM head) is gathered for it.
+        With LoRA the teacher is the policy run with its adapters off, in eval mode."""
+        if role not in ("policy", "teacher"):
+            raise ValueError(f"`role` must be one of ['policy', 'teacher'], got {role!r}")
+        if role == "teacher" and self.lora is not None:
+            fn, args = base_forward, (fn, *args)
+        model = self.teacher if role == "teacher" and self.lora is None else self.policy
         return model(fn, *args) if self.sharding else fn(model, *args)
 
     def train(self, mode: bool = True):
@@ -181,7 +208,12 @@ class SelfDistillModule(L.LightningModule):
     @torch.no_grad()
     def sync_teacher(self) -> None:
         """Hard-copy the student into the teacher (teacher synchronization). Copies parameter by parameter, so
-        sharded models copy their local shards only."""
+        sharded models copy their local shards only. LoRA: the adapters are folded into the base weights and zeroed,
+        so the base (the teacher) becomes the current student (:func:`~sdzero_pl.core.lora.merge_adapters_`)."""
+        if self.lora is not None:
+            merge_adapters_(self.policy)
+            self.teacher_syncs += 1
+            return
         student = dict(self.policy.named_parameters())
         for name, param in self.teacher.named_parameters():
             param.copy_(student[name].detach())
@@ -266,10 +298,12 @@ class SelfDistillModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["sdzero_budget"] = dict(self.budget)  # a resumed run keeps counting from here
+        checkpoint["sdzero_teacher_syncs"] = self.teacher_syncs
         checkpoint[EXPORT_KEY] = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.budget = dict(checkpoint.get("sdzero_budget", {"generations": 0, "tokens": 0}))
+        self.teacher_syncs = int(checkpoint.get("sdzero_teacher_syncs", 0))
         self.resumed_export = checkpoint.get(EXPORT_KEY)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -283,13 +317,15 @@ class SelfDistillModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         steps = self.data.optimizer_steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
-        return optimizer_for(self.policy.parameters(), self.optim, self.trainer, steps)
+        return optimizer_for(trainable(self.policy), self.optim, self.trainer, steps)
 
     # ----------------------------------------------------------------------------------------------- export
     def on_train_end(self) -> None:
         path = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
         # sharded: full tensors gathered one at a time, kept on rank 0 only (no second full copy on other ranks)
-        state = gather_state_dict(self.policy) if self.sharding else None
+        state, adapter = gather_state_dict(self.policy) if self.sharding else None, None
+        if self.lora is not None:  # the merged model, and the adapter alone beside it
+            state, adapter = lora_export(self.policy, self.start_model, self.teacher_syncs)
         if self.trainer.is_global_zero:
             summary = []
 
@@ -299,6 +335,8 @@ class SelfDistillModule(L.LightningModule):
                     ledger.merge(self._start_budget())
                 ledger.set("phase2/rollout", self.budget["generations"], self.budget["tokens"])
                 summary.append(ledger.summary())
+                if adapter is not None:
+                    adapter(directory)
 
             export_hf(self.policy, self.tokenizer, path, state_dict=state, extra=write_budget)
             rank_zero_info(f"student saved as a Hugging Face model in {path}; sample budget: {summary[0]}")

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("config, flag", [("configs/tiny/rft.yaml", "--data.questions.num_questions=4"),
-                                          ("configs/tiny/grpo.yaml", "--data.prompts_per_epoch=4")])
+                                          ("configs/tiny/grpo.yaml", "--data.prompts_per_epoch=4"),
+                                          ("configs/tiny/grpo_lora.yaml", "--data.prompts_per_epoch=4")])
 def test_tiny_baseline_config_runs_through_main(tmp_path, monkeypatch, config, flag):
     monkeypatch.setattr(sys, "argv", ["main.py"])  # LightningCLI reads `args` only
     main(["fit", "--config", config, "--trainer.max_epochs=1", flag, f"--trainer.default_root_dir={tmp_path}",

@@ -99,9 +99,10 @@ def _assert_engine_matches(engine, model, tokenizer):
     return fast
 
 
-def _fit(tmp_path, model_dir, questions_file, rollout, callbacks=(), epochs=2, ckpt_path=None, **trainer_kwargs):
+def _fit(tmp_path, model_dir, questions_file, rollout, callbacks=(), epochs=2, ckpt_path=None, lora=None,
+         **trainer_kwargs):
     module = SelfDistillModule(model_dir, dtype="float32", top_k=8, optim=OptimArgs(lr=1e-2),
-                               export_dir=str(tmp_path / "export"))
+                               export_dir=str(tmp_path / "export"), lora=lora)
     data = OnPolicyDataModule(QuestionSource(questions_file, id_field="id", shuffle=True), prompts_per_epoch=8, batch_size=4, max_teacher_len=128,
                               rollout=rollout, logprob_gap_samples=8)
     gaps = GapRecorder()
@@ -140,6 +141,24 @@ def test_missing_refresh_makes_the_logprob_gap_large_and_a_refresh_keeps_it_smal
     assert stale[1] > GAP_LARGE, stale  # epoch 1 without a push: the engine still samples from the start weights
     assert fresh[1] < GAP_SMALL, fresh
     assert (refresh.pushes, refresh.skips) == (1, 1)  # nothing to push before epoch 0
+
+
+@needs_vllm
+def test_a_lora_student_pushes_its_merged_weights_and_the_logprob_gap_stays_small(tiny_model_dir, questions_file,
+                                                                                  tmp_path):
+    from sdzero_pl.core.lora import LoraArgs
+
+    rollout, refresh = _sampling_engine(), VLLMWeightRefresh()
+    module, _, gaps = _fit(tmp_path, tiny_model_dir, questions_file, rollout, callbacks=[refresh], epochs=3,
+                           lora=LoraArgs(rank=8, alpha=16.0))
+    tokenizer = module.tokenizer
+    prompts = encode_prompts(tokenizer, QUESTIONS)
+    sampled = rollout.generate(prompts, seed=0)  # from the merged weights pushed before epoch 2
+    rollout.close()
+    start_logps = sampled_token_logps(load_model(tiny_model_dir, "float32"), prompts,
+                                      [r.completion_ids for r in sampled], tokenizer.pad_token_id)
+    assert refresh.pushes == 2 and all(gap < GAP_SMALL for gap in gaps), gaps
+    assert logprob_gap([r.logps for r in sampled], start_logps) > GAP_LARGE  # the adapters moved: a stale engine shows
 
 
 @needs_vllm

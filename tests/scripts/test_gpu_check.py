@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 WHEELS = sorted((ROOT / ".whl").glob("*.whl"))
 DEVICE_STEPS = ["build", "numerics", "distill_loss", "hf_generate", "phase2_step_4b", "fit_fsdp", "distill_loss_bf16",
-                "batching"]
+                "batching", "phase2_lora"]
 
 
 def _importable(name: str, pythonpath: str) -> bool:
