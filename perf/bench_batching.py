@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -33,8 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from perf.phase2_step import (  # noqa: E402
-    SIZES, build_model, env_threads, load_module, lognormal_lengths, optimizer_step, plan_batches, probe_difference,
-    synchronize, synthetic_examples
+    SIZES, build_model, env_threads, interleaved, load_module, lognormal_lengths, optimizer_step, plan_batches,
+    probe_difference, run_worker, synchronize, synthetic_examples, worker_flags, write_worker_result
 )
 from sdzero_pl.core.artifacts import atomic_write_json  # noqa: E402
 
@@ -86,15 +85,10 @@ def worker(args: argparse.Namespace) -> dict:
 
 def spawn(mode: str, args: argparse.Namespace, out_dir: str, round_: int) -> dict:
     out = os.path.join(out_dir, f"{mode}-{round_}.pt")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k not in ("mode", "out", "rounds", "keep", "gradient_checkpointing", "sweep") and v is not None]
+    flags = worker_flags(args, ("mode", "out", "rounds", "keep"))
     if args.gradient_checkpointing:
         flags.append("--gradient-checkpointing")
-    cmd = [sys.executable, os.path.abspath(__file__), *flags, "--mode", mode, "--out", out]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return torch.load(out, weights_only=False)
+    return run_worker(mode, [sys.executable, os.path.abspath(__file__), *flags, "--mode", mode, "--out", out], out)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -104,12 +98,7 @@ def run(args: argparse.Namespace) -> dict:
         args.model = build_model(os.path.join(out_dir, "model"), SIZES[args.sizes],
                                  max_position_embeddings=args.prompt_len + 2 * args.high + args.control_len + 8,
                                  dtype="float32" if args.device == "cpu" else args.dtype, device=args.device)
-    results = {mode: [] for mode in MODES}
-    for r in range(args.rounds):
-        for mode in (MODES if r % 2 == 0 else MODES[::-1]):
-            print(f"  round {r + 1}/{args.rounds}: {mode} ...", flush=True)
-            results[mode].append(spawn(mode, args, out_dir, r))
-    return summarize(results, args)
+    return summarize(interleaved(MODES, args.rounds, lambda mode, r: spawn(mode, args, out_dir, r)), args)
 
 
 def summarize(results: dict, args: argparse.Namespace) -> dict:
@@ -223,8 +212,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.mode is not None:
-        torch.save(worker(args), args.out)
-        return 0
+        return write_worker_result(args.out, worker(args))
     if args.sweep:
         sweep(args)
         return 0

@@ -33,10 +33,8 @@ where activations weigh more.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -45,9 +43,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from perf.phase2_step import (  # noqa: E402
-    SIZES, build_model, env_threads, load_module, lognormal_lengths, optimizer_step, plan_batches, synchronize,
-    synthetic_examples
+    SIZES, build_model, env_threads, interleaved, load_module, lognormal_lengths, optimizer_step, plan_batches,
+    run_worker, synchronize, synthetic_examples, worker_flags, write_worker_result
 )
+from sdzero_pl.core.artifacts import atomic_write_json  # noqa: E402
 
 MODES = ("full", "lora")
 TARGET_PEAK_RATIO = 0.4
@@ -121,18 +120,12 @@ def worker(args: argparse.Namespace) -> dict:
 
 def spawn(mode: str, args: argparse.Namespace, out_dir: str, round_: int) -> dict:
     out = os.path.join(out_dir, f"{mode}-{round_}.json")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k not in ("mode", "out", "rounds", "keep", "json", "gradient_checkpointing") and v is not None]
+    flags = worker_flags(args, ("mode", "out", "rounds", "keep", "json"))
     flags.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
-    cmd = [sys.executable, os.path.abspath(__file__), *flags, "--mode", mode, "--out", out]
     env = dict(os.environ)
     if args.device == "cpu":  # glibc: every block >= 64 KiB its own mapping, returned when freed (see the docstring)
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    with open(out) as handle:
-        return json.load(handle)
+    return run_worker(mode, [sys.executable, os.path.abspath(__file__), *flags, "--mode", mode, "--out", out], out, env)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -142,12 +135,7 @@ def run(args: argparse.Namespace) -> dict:
         args.model = build_model(os.path.join(out_dir, "model"), BENCH_SIZES[args.sizes],
                                  max_position_embeddings=args.prompt_len + 2 * args.high + args.control_len + 8,
                                  dtype="float32" if args.device == "cpu" else args.dtype, device=args.device)
-    results = {mode: [] for mode in MODES}
-    for r in range(args.rounds):
-        for mode in (MODES if r % 2 == 0 else MODES[::-1]):
-            print(f"  round {r + 1}/{args.rounds}: {mode} ...", flush=True)
-            results[mode].append(spawn(mode, args, out_dir, r))
-    return summarize(results, args)
+    return summarize(interleaved(MODES, args.rounds, lambda mode, r: spawn(mode, args, out_dir, r)), args)
 
 
 def summarize(results: dict, args: argparse.Namespace) -> dict:
@@ -225,16 +213,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.mode is not None:
-        with open(args.out, "w") as handle:
-            json.dump(worker(args), handle)
-        return 0
+        return write_worker_result(args.out, worker(args))
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, torch {torch.__version__}",
           flush=True)
     summary = run(args)
     report(summary)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(summary, handle, indent=2)
+        atomic_write_json(args.json, summary)
     return 0 if all(summary["ok"].values()) else 1
 
 

@@ -17,10 +17,8 @@ completions' log-probs (the LoRA engine's against the merged engine's, mean |dif
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch  # noqa: E402
 
 from perf.bench_lora import BENCH_SIZES  # noqa: E402
-from perf.phase2_step import build_model  # noqa: E402
+from perf.phase2_step import build_model, run_worker, worker_flags, write_worker_result  # noqa: E402
+from sdzero_pl.core.artifacts import atomic_write_json  # noqa: E402
 
 PATHS = ("merged", "lora")
 
@@ -95,14 +94,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 def spawn(path: str, args: argparse.Namespace, out_dir: str) -> dict:
     out = os.path.join(out_dir, f"{path}.json")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k not in ("path", "out", "json") and v is not None]
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), *flags, "--path", path, "--out", out],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{path} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    with open(out) as handle:
-        return json.load(handle)
+    flags = worker_flags(args, ("path", "out", "json"))
+    return run_worker(path, [sys.executable, os.path.abspath(__file__), *flags, "--path", path, "--out", out], out)
 
 
 def summarize(results: dict, args: argparse.Namespace) -> dict:
@@ -153,9 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.path is not None:
-        with open(args.out, "w") as handle:
-            json.dump(worker(args), handle)
-        return 0
+        return write_worker_result(args.out, worker(args))
     out_dir = tempfile.mkdtemp(prefix="bench_vllm_lora-")
     if args.model is None:
         args.model = build_model(os.path.join(out_dir, "model"), BENCH_SIZES[args.sizes],
@@ -164,8 +155,7 @@ def main(argv=None) -> int:
     summary = summarize({path: spawn(path, args, out_dir) for path in PATHS}, args)
     report(summary)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(summary, handle, indent=2)
+        atomic_write_json(args.json, summary)
     return 0
 
 

@@ -29,7 +29,6 @@ steps (VmHWM after /proc/self/clear_refs), each implementation in its own proces
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -42,7 +41,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from perf.phase2_step import (  # noqa: E402
-    SIZES, build_model, env_threads, load_module, optimizer_step, plan_batches, synthetic_examples
+    SIZES, build_model, env_threads, interleaved, load_module, optimizer_step, plan_batches, run_worker,
+    synthetic_examples, write_worker_result
 )
 from sdzero_pl.core.artifacts import atomic_write_json  # noqa: E402
 
@@ -140,11 +140,7 @@ def spawn(impl: str, args: argparse.Namespace, work: str, trl_python: str | None
                           "steps", "threads", "seed", "model")]
         cmd = [sys.executable, os.path.abspath(__file__), *flags, "--impl", impl, "--out", out]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{impl} worker failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    with open(out) as handle:
-        return json.load(handle)
+    return run_worker(impl, cmd, out, env)
 
 
 def report(args: argparse.Namespace, results: dict) -> dict:
@@ -196,9 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.impl is not None:
-        with open(args.out, "w") as handle:
-            json.dump(project_worker(args), handle)
-        return 0
+        return write_worker_result(args.out, project_worker(args))
     impls = args.impls.split(",")
     trl_python = ensure_trl_venv(args.venv, args.trl_version) if any(i.startswith("trl_") for i in impls) else None
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, torch {torch.__version__}", flush=True)
@@ -207,11 +201,7 @@ def main(argv=None) -> int:
         args.model = build_model(os.path.join(work, "model"), sizes,
                                  max_position_embeddings=args.prompt_len + 2 * args.completion_len + args.control_len + 8)
         save_inputs(make_inputs(args), args.prompt_len, os.path.join(work, "inputs.pt"))
-        results = {impl: [] for impl in impls}
-        for r in range(args.rounds):
-            for impl in (impls if r % 2 == 0 else impls[::-1]):
-                print(f"  round {r + 1}/{args.rounds}: {impl} ...", flush=True)
-                results[impl].append(spawn(impl, args, work, trl_python, r))
+        results = interleaved(tuple(impls), args.rounds, lambda impl, r: spawn(impl, args, work, trl_python, r))
         summary = report(args, results)
     if args.json:
         atomic_write_json(args.json, summary)

@@ -13,9 +13,11 @@ parameter ratio, 7 : 1 here vs 8.6 : 1, at a CPU-sized width) and Qwen3-4B's own
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import subprocess
 import time
 from types import SimpleNamespace
 
@@ -163,3 +165,42 @@ def probe_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 def env_threads(threads: int) -> None:
     torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ------------------------------------------------------------------------ benchmark workers (one process each)
+def worker_flags(args, skip: tuple[str, ...]) -> list[str]:
+    """``args`` back as command-line flags for a worker subprocess: every non-None value except ``skip`` (booleans
+    are the caller's: argparse spells them differently)."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in skip and v is not None and not isinstance(v, bool)]
+
+
+def run_worker(name: str, cmd: list[str], out: str, env: dict | None = None) -> dict:
+    """Run a worker to completion and read the result it wrote to ``out`` (JSON, or torch.save for ``.pt``)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} worker failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    if out.endswith(".pt"):
+        return torch.load(out, weights_only=False)
+    with open(out) as handle:
+        return json.load(handle)
+
+
+def write_worker_result(out: str, result: dict) -> int:
+    """A worker's last act: its result where the parent reads it (``.pt``: torch.save, else JSON)."""
+    if out.endswith(".pt"):
+        torch.save(result, out)
+    else:
+        with open(out, "w") as handle:
+            json.dump(result, handle)
+    return 0
+
+
+def interleaved(modes: tuple[str, ...], rounds: int, spawn) -> dict[str, list[dict]]:
+    """``spawn(mode, round)`` for every round, the modes' order alternating so that neither always runs first."""
+    results = {mode: [] for mode in modes}
+    for r in range(rounds):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
+            print(f"  round {r + 1}/{rounds}: {mode} ...", flush=True)
+            results[mode].append(spawn(mode, r))
+    return results
