@@ -25,15 +25,14 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
 
 from perf.phase2_step import (  # noqa: E402
-    SIZES, build_model, env_threads, interleaved, load_module, lognormal_lengths, optimizer_step, plan_batches,
-    probe_difference, run_worker, synchronize, synthetic_examples, worker_flags, write_worker_result
+    SIZES, env_threads, load_module, lognormal_lengths, optimizer_step, plan_batches, probe_difference, run_modes,
+    synchronize, synthetic_examples, write_worker_result
 )
 from sdzero_pl.core.artifacts import atomic_write_json  # noqa: E402
 
@@ -83,22 +82,11 @@ def worker(args: argparse.Namespace) -> dict:
             "peak_gib": (peak - base) / 2**30, "budget": budget}
 
 
-def spawn(mode: str, args: argparse.Namespace, out_dir: str, round_: int) -> dict:
-    out = os.path.join(out_dir, f"{mode}-{round_}.pt")
-    flags = worker_flags(args, ("mode", "out", "rounds", "keep"))
-    if args.gradient_checkpointing:
-        flags.append("--gradient-checkpointing")
-    return run_worker(mode, [sys.executable, os.path.abspath(__file__), *flags, "--mode", mode, "--out", out], out)
-
-
 def run(args: argparse.Namespace) -> dict:
     """Build the model once, then every round one fresh subprocess per mode (alternating order)."""
-    out_dir = args.keep or tempfile.mkdtemp(prefix="bench_batching-")
-    if args.model is None:
-        args.model = build_model(os.path.join(out_dir, "model"), SIZES[args.sizes],
-                                 max_position_embeddings=args.prompt_len + 2 * args.high + args.control_len + 8,
-                                 dtype="float32" if args.device == "cpu" else args.dtype, device=args.device)
-    return summarize(interleaved(MODES, args.rounds, lambda mode, r: spawn(mode, args, out_dir, r)), args)
+    checkpointing = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    return summarize(run_modes(__file__, MODES, args, SIZES[args.sizes], "bench_batching-", checkpointing,
+                               suffix=".pt"), args)
 
 
 def summarize(results: dict, args: argparse.Namespace) -> dict:

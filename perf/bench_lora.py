@@ -36,15 +36,14 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
 
 from perf.phase2_step import (  # noqa: E402
-    SIZES, build_model, env_threads, interleaved, load_module, lognormal_lengths, optimizer_step, plan_batches,
-    run_worker, synchronize, synthetic_examples, worker_flags, write_worker_result
+    SIZES, env_threads, load_module, lognormal_lengths, optimizer_step, plan_batches, run_modes, synchronize,
+    synthetic_examples, write_worker_result
 )
 from sdzero_pl.core.artifacts import atomic_write_json  # noqa: E402
 
@@ -118,24 +117,13 @@ def worker(args: argparse.Namespace) -> dict:
                                for k in ("student_attention_mask", "teacher_attention_mask"))}
 
 
-def spawn(mode: str, args: argparse.Namespace, out_dir: str, round_: int) -> dict:
-    out = os.path.join(out_dir, f"{mode}-{round_}.json")
-    flags = worker_flags(args, ("mode", "out", "rounds", "keep", "json"))
-    flags.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
+def run(args: argparse.Namespace) -> dict:
+    """Build the model once, then every round one fresh subprocess per mode (alternating order)."""
+    checkpointing = ["--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
     env = dict(os.environ)
     if args.device == "cpu":  # glibc: every block >= 64 KiB its own mapping, returned when freed (see the docstring)
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    return run_worker(mode, [sys.executable, os.path.abspath(__file__), *flags, "--mode", mode, "--out", out], out, env)
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Build the model once, then every round one fresh subprocess per mode (alternating order)."""
-    out_dir = args.keep or tempfile.mkdtemp(prefix="bench_lora-")
-    if args.model is None:
-        args.model = build_model(os.path.join(out_dir, "model"), BENCH_SIZES[args.sizes],
-                                 max_position_embeddings=args.prompt_len + 2 * args.high + args.control_len + 8,
-                                 dtype="float32" if args.device == "cpu" else args.dtype, device=args.device)
-    return summarize(interleaved(MODES, args.rounds, lambda mode, r: spawn(mode, args, out_dir, r)), args)
+    return summarize(run_modes(__file__, MODES, args, BENCH_SIZES[args.sizes], "bench_lora-", checkpointing, env), args)
 
 
 def summarize(results: dict, args: argparse.Namespace) -> dict:

@@ -18,6 +18,8 @@ import math
 import os
 import random
 import subprocess
+import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -204,3 +206,23 @@ def interleaved(modes: tuple[str, ...], rounds: int, spawn) -> dict[str, list[di
             print(f"  round {r + 1}/{rounds}: {mode} ...", flush=True)
             results[mode].append(spawn(mode, r))
     return results
+
+
+def run_modes(script: str, modes: tuple[str, ...], args, sizes: dict, prefix: str, extra_flags: list[str] = (),
+              env: dict | None = None, suffix: str = ".json") -> dict[str, list[dict]]:
+    """A benchmark's parent side: build the model once (unless ``args.model`` names one; sized for ``args``'
+    prompt, completion and control lengths), then ``args.rounds`` rounds of one fresh ``script --mode M``
+    subprocess per mode, alternating the order; each worker's result by mode."""
+    out_dir = args.keep or tempfile.mkdtemp(prefix=prefix)
+    if args.model is None:
+        args.model = build_model(os.path.join(out_dir, "model"), sizes,
+                                 max_position_embeddings=args.prompt_len + 2 * args.high + args.control_len + 8,
+                                 dtype="float32" if args.device == "cpu" else args.dtype, device=args.device)
+    flags = worker_flags(args, ("mode", "out", "rounds", "keep", "json")) + list(extra_flags)
+
+    def spawn(mode: str, round_: int) -> dict:
+        out = os.path.join(out_dir, f"{mode}-{round_}{suffix}")
+        return run_worker(mode, [sys.executable, os.path.abspath(script), *flags, "--mode", mode, "--out", out], out,
+                          env)
+
+    return interleaved(modes, args.rounds, spawn)
