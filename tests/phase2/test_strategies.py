@@ -42,11 +42,12 @@ SYNC_AND_LOCALIZATION = SYNC_EVERY_STEP + """\
 """
 
 
-def _args(tmp_path: Path, name: str, *extra: str, callbacks: str = SYNC_EVERY_STEP) -> list[str]:
+def _args(tmp_path: Path, name: str, *extra: str, callbacks: str = SYNC_EVERY_STEP,
+          config: str = "configs/tiny/sdzero.yaml") -> list[str]:
     override = tmp_path / f"{name}_callbacks.yaml"
     override.write_text(callbacks)
     return [
-        "fit", "--config", "configs/tiny/sdzero.yaml", "--config", str(override),
+        "fit", "--config", config, "--config", str(override),
         "--trainer.max_epochs=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path / name}",
         "--model.init_args.dtype=float64", f"--model.init_args.export_dir={tmp_path / name / 'hf'}",
@@ -69,11 +70,9 @@ def _exported(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-def _two_processes(tmp_path: Path, name: str, *strategy: str, callbacks: str = SYNC_EVERY_STEP
-                   ) -> dict[str, torch.Tensor]:
+def _two_processes(tmp_path: Path, name: str, *strategy: str, **args_kw) -> dict[str, torch.Tensor]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    args = _args(tmp_path, name, "--trainer.devices=2", "--trainer.accumulate_grad_batches=2", *strategy,
-                 callbacks=callbacks)
+    args = _args(tmp_path, name, "--trainer.devices=2", "--trainer.accumulate_grad_batches=2", *strategy, **args_kw)
     done = subprocess.run([sys.executable, "main.py", *args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return _exported(tmp_path / name / "hf")
@@ -120,12 +119,15 @@ def single_long_tail_run(tmp_path_factory) -> dict[str, torch.Tensor]:
     return _exported(tmp_path / "single" / "hf")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", [
+DDP_AND_FSDP2 = pytest.mark.parametrize("strategy", [
     ("--trainer.strategy=ddp",),
     ("--trainer.strategy.class_path=lightning.pytorch.strategies.ModelParallelStrategy",
      "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.strategy.init_args.tensor_parallel_size=1"),
 ], ids=["ddp", "fsdp2"])
+
+
+@pytest.mark.slow
+@DDP_AND_FSDP2
 def test_length_aware_batching_with_two_cpu_processes_matches_fixed_count_in_one(single_long_tail_run, tmp_path,
                                                                                   strategy):
     run = _two_processes(tmp_path, "tokens", *strategy, *LONG_TAIL, *TOKENS)
