@@ -39,16 +39,16 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sdzero_pl.contracts import GroupRollouts, connect
 from sdzero_pl.core.artifacts import use_atomic_checkpoints
-from sdzero_pl.core.guard import guard_callbacks
 from sdzero_pl.core.lora import LoraArgs, attach_lora, base_forward, lora_export, lora_summary, trainable
 from sdzero_pl.core.losses import normalised_sum, token_logps
 from sdzero_pl.core.models import (
-    EXPORT_KEY, check_dtypes, check_model_source, export_hf, export_path, hidden_states, load_model, load_policy,
-    load_tokenizer, output_weight
+    check_dtypes, check_model_source, export_hf, export_path, hidden_states, load_model, load_policy, load_tokenizer,
+    output_weight
 )
 from sdzero_pl.core.optim import OptimArgs, optimizer_for
 from sdzero_pl.core.rl_losses import check_clip, clipped_pg_loss, k3_kl
 from sdzero_pl.core.sequences import pad_sequences, select_targets, target_positions
+from sdzero_pl.core.training import TrainingHooks
 
 
 # --------------------------------------------------------------------------------------------------- examples
@@ -111,7 +111,7 @@ def token_advantages(batch: dict) -> torch.Tensor:
 GRPO_OPTIM = OptimArgs(lr=1e-6, weight_decay=0.1, warmup_steps=10)
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(TrainingHooks, L.LightningModule):
     """Clipped, token-mean policy gradient on group-normalised binary rewards (GRPO with DAPO's changes)."""
 
     def __init__(
@@ -167,25 +167,11 @@ class GRPOModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.ref: torch.nn.Module | None = None
         self.data: GroupRollouts | None = None
-        self.resumed_export: str | None = None  # where the run this one resumes exports (from its checkpoint)
-
-    @property
-    def start_model(self) -> str:
-        return self.hparams.model_name_or_path
 
     def setup(self, stage: str) -> None:
         if stage == "fit":  # the data module samples from this module's policy and scores with it
             self.data = connect(self, self.trainer.datamodule, GroupRollouts)
             use_atomic_checkpoints(self.trainer)
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        return guard_callbacks(self)  # non-finite loss / gradients / weights stop training, nothing is exported
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[EXPORT_KEY] = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.resumed_export = checkpoint.get(EXPORT_KEY)
 
     def configure_model(self) -> None:
         if self.policy is not None:

@@ -36,15 +36,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sdzero_pl.contracts import SFTData, connect
 from sdzero_pl.core.artifacts import use_atomic_checkpoints
-from sdzero_pl.core.guard import guard_callbacks
 from sdzero_pl.core.lora import LoraArgs, attach_lora, lora_export, lora_summary, trainable
 from sdzero_pl.core.losses import normalised_sum, token_logps
 from sdzero_pl.core.models import (
-    EXPORT_KEY, check_dtypes, export_hf, export_path, hidden_states, load_policy, load_tokenizer, output_weight
+    check_dtypes, export_hf, export_path, hidden_states, load_policy, load_tokenizer, output_weight
 )
 from sdzero_pl.core.optim import OptimArgs, build_optimizer
 from sdzero_pl.core.prompts import SEPARATOR
 from sdzero_pl.core.sequences import pad_sequences, select_targets
+from sdzero_pl.core.training import TrainingHooks
 from sdzero_pl.data.questions import DataError
 from sdzero_pl.phase1.handoff import write_handoff
 
@@ -167,7 +167,7 @@ def srt_loss(model: torch.nn.Module, batch: dict, accumulate: int = 1, world_siz
 SRT_OPTIM = OptimArgs(lr=5e-6, weight_decay=1e-4, betas=(0.9, 0.95), warmup_ratio=0.05, schedule="cosine")
 
 
-class SelfReviseSFTModule(L.LightningModule):
+class SelfReviseSFTModule(TrainingHooks, L.LightningModule):
     """Completion-only SFT of p(init + P_r + revision | x) and p(revision | x, init, P_r) on verified traces."""
 
     def __init__(
@@ -206,25 +206,11 @@ class SelfReviseSFTModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.data: SFTData | None = None
         self._stage: int | None = None
-        self.resumed_export: str | None = None  # where the run this one resumes exports (from its checkpoint)
-
-    @property
-    def start_model(self) -> str:
-        return self.hparams.model_name_or_path
 
     def setup(self, stage: str) -> None:
         if stage == "fit":  # the data module prepares its examples (collecting them first) with this module
             self.data = connect(self, self.trainer.datamodule, SFTData)
             use_atomic_checkpoints(self.trainer)
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        return guard_callbacks(self)  # non-finite loss / gradients / weights stop training, nothing is exported
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[EXPORT_KEY] = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.resumed_export = checkpoint.get(EXPORT_KEY)
 
     def configure_model(self) -> None:
         """Load the model once (the data module calls this early: the traces are sampled before training)."""

@@ -35,7 +35,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from sdzero_pl.contracts import RolloutData, connect
 from sdzero_pl.core.artifacts import use_atomic_checkpoints
 from sdzero_pl.core.budget import BudgetLedger
-from sdzero_pl.core.guard import guard_callbacks
 from sdzero_pl.core.lora import (
     LoraArgs, attach_lora, base_forward, lora_export, lora_summary, merge_adapters_, trainable
 )
@@ -43,18 +42,19 @@ from sdzero_pl.core.losses import (
     DIVERGENCES, full_logsumexp, gathered_logits, normalised_sum, teacher_topk, topk_divergence
 )
 from sdzero_pl.core.models import (
-    EXPORT_KEY, check_dtypes, check_model_source, export_hf, export_path, hidden_states, load_model, load_policy,
-    load_tokenizer, output_weight
+    check_dtypes, check_model_source, export_hf, export_path, hidden_states, load_model, load_policy, load_tokenizer,
+    output_weight
 )
 from sdzero_pl.core.optim import OptimArgs, optimizer_for
 from sdzero_pl.core.sequences import select_targets
 from sdzero_pl.core.sharding import gather_state_dict, shard_fsdp2, wrap_fsdp1
+from sdzero_pl.core.training import TrainingHooks
 from sdzero_pl.phase1.handoff import read_handoff
 
 PHASE2_OPTIM = OptimArgs(lr=5e-6, warmup_steps=20)
 
 
-class SelfDistillModule(L.LightningModule):
+class SelfDistillModule(TrainingHooks, L.LightningModule):
     """Student p_theta(. | x) distilled from a frozen reviser p(. | x, y, P_r) over the teacher's top-k."""
 
     def __init__(
@@ -127,11 +127,6 @@ class SelfDistillModule(L.LightningModule):
         self.sharding: str | None = None  # None (single device / DDP), "fsdp1" or "fsdp2"
         self.budget = {"generations": 0, "tokens": 0}  # Phase-2 rollouts generated so far, all ranks
         self.data: RolloutData | None = None
-        self.resumed_export: str | None = None  # where the run this one resumes exports (from its checkpoint)
-
-    @property
-    def start_model(self) -> str:
-        return self.hparams.model_name_or_path
 
     def setup(self, stage: str) -> None:
         if stage == "fit":  # the data module samples from this module's student and checks its hand-off record
@@ -141,9 +136,6 @@ class SelfDistillModule(L.LightningModule):
                 report = rank_zero_warn if read_handoff(self.start_model) is not None else rank_zero_info
                 report(f"`--model.model_name_or_path` {self.start_model!r} has no budget.json: the exported "
                        "budget.json counts Phase 2's rollouts only")
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        return guard_callbacks(self)  # non-finite loss / gradients / weights stop training, nothing is exported
 
     def _start_budget(self) -> str | None:
         """The sample ledger of the student's start model (the Phase-1 generations that made it), if it has one."""
@@ -299,12 +291,12 @@ class SelfDistillModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["sdzero_budget"] = dict(self.budget)  # a resumed run keeps counting from here
         checkpoint["sdzero_teacher_syncs"] = self.teacher_syncs
-        checkpoint[EXPORT_KEY] = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
+        super().on_save_checkpoint(checkpoint)  # the export place
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.budget = dict(checkpoint.get("sdzero_budget", {"generations": 0, "tokens": 0}))
         self.teacher_syncs = int(checkpoint.get("sdzero_teacher_syncs", 0))
-        self.resumed_export = checkpoint.get(EXPORT_KEY)
+        super().on_load_checkpoint(checkpoint)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if self.sharding == "fsdp1" and gradient_clip_val:  # Lightning's FSDP1 plugin cannot clip by norm itself
