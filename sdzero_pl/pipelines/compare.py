@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import subprocess
@@ -46,6 +45,7 @@ import torch
 
 from sdzero_pl.cli import main as cli
 from sdzero_pl.evaluation.stats import mean_std, paired_comparison, question_accuracy
+from sdzero_pl.evaluation.tables import comparison_table, json_safe
 from sdzero_pl.pipelines import demo
 
 METHODS = ("base", "rft", "grpo", "sdft", "sdft_answer", "srt", "sdzero", "control")
@@ -321,49 +321,8 @@ def collect(args: argparse.Namespace) -> dict:
                                                        [evals[REFERENCE][s][1] for s in seeds], args.permutations)
         rows[method] = row
     settings = {"suite": args.suite, "seeds": list(seeds), "k": k, "base": args.base, "reference": REFERENCE,
-                "permutations": args.permutations}
+                "reference_label": LABELS[REFERENCE], "permutations": args.permutations}
     return {"settings": settings, "rows": rows}
-
-
-def _points(stat: dict) -> str:
-    mean, std = 100 * stat["mean"], 100 * stat["std"]
-    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
-
-
-def comparison_table(summary: dict) -> str:
-    k, rows, ref = summary["settings"]["k"], summary["rows"], summary["settings"]["reference"]
-    seeds = ", ".join(map(str, summary["settings"]["seeds"]))
-    lines = [f"| method | held-out avg@{k} | pass@{k} | mean length | generations | generated tokens | "
-             f"Δ avg@{k} vs {LABELS[ref]} (points) | p |", "|---|---|---|---|---|---|---|---|"]
-    for method, row in rows.items():
-        test = row.get(f"vs_{ref}")
-        diff, p = ((f"{test['mean_diff_points']:+.1f}", f"{test['p_value']:.3g}") if test
-                   else ("reference" if method == ref else "n/a", "n/a"))
-        lines.append(f"| {row['label']} | {_points(row[f'avg@{k}'])} | {_points(row[f'pass@{k}'])} | "
-                     f"{row['len_mean']['mean']:.1f} | {row['generations']['mean']:,.0f} | "
-                     f"{row['tokens']['mean']:,.0f} "
-                     f"| {diff} | {p} |")
-    questions = max((r[f"vs_{ref}"]["questions"] for r in rows.values() if f"vs_{ref}" in r), default=0)
-    test = (f"two-sided paired sign-flip permutation test over {questions} held-out questions of the per-question "
-            f"accuracy (fraction of the {k} samples correct, averaged over seeds), "
-            f"{summary['settings']['permutations']:,} random flips (seed 0), exact when fewer flips exist"
-            if ref in rows else f"n/a ({LABELS[ref]} is not among the methods)")
-    lines += ["", f"Seeds {seeds}; ± = standard deviation over seeds. Generations and tokens: the samples the "
-              f"method trained on (mean over seeds; SD-Zero and the control include Phase 1's). p: {test}."]
-    benchmarks = list(next(iter(rows.values()))["benchmarks"]) if rows else []
-    if len(benchmarks) > 1:  # the paper's per-benchmark columns (Table 1)
-        lines += ["", f"| method | {' | '.join(benchmarks)} |", "|---" * (len(benchmarks) + 1) + "|"]
-        lines += [f"| {row['label']} | " + " | ".join(_points(row["benchmarks"][b]) for b in benchmarks) + " |"
-                  for row in rows.values()]
-    return "\n".join(lines) + "\n"
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -427,7 +386,7 @@ def run(args: argparse.Namespace) -> dict | None:
     summary = collect(args)
     summary["table"] = comparison_table(summary)
     (args.out / "comparison.md").write_text(summary["table"])
-    (args.out / "comparison.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    (args.out / "comparison.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
     return summary
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from sdzero_pl.data.questions import Question
 from sdzero_pl.tasks.base import RewardBatch
 from sdzero_pl.tasks.math import MathReward
 
@@ -358,6 +359,23 @@ def worked_steps_valid(completion: str) -> bool:
     return boxed == str(previous)
 
 
+def first_error(completion: str, solution: str) -> int | None:
+    """Character index in ``completion`` of its first wrong token against the reference worked ``solution``: the
+    step verifier of this task (the probe's "where is the first error"). The task's solutions are canonical (one
+    equation per step, in the order the question tells them), so the first character where the completion's
+    final attempt (after its last blank line) leaves the reference is where it went wrong: a slip in a result,
+    a misread operand, a flipped operation. None when that attempt IS the reference solution."""
+    start = completion.rstrip().rfind("\n\n")
+    offset = start + 2 if start >= 0 else 0
+    attempt = completion[offset:]
+    for i, (a, b) in enumerate(zip(attempt, solution)):
+        if a != b:
+            return offset + i
+    if attempt.strip() == solution.strip():
+        return None
+    return offset + min(len(attempt), len(solution))  # one is a prefix of the other: it stops or runs on there
+
+
 class ArithmeticReward(MathReward):
     """The demo task's verifier: the math reward (last ``\\boxed{}`` equals the answer) AND a valid worked
     solution (:func:`worked_steps_valid`). Still one binary reward per completion from the question's answer
@@ -371,6 +389,14 @@ class ArithmeticReward(MathReward):
                 if batch.errors:
                     batch.errors[i] = "the worked steps do not add up"
         return batch
+
+    def first_error(self, completion: str, question: Question) -> int | None:
+        """The :class:`~sdzero_pl.tasks.base.StepVerifier` side: :func:`first_error` against the question's
+        reference solution (load the questions with ``solution_field="solution"``)."""
+        if question.solution is None:
+            raise ValueError(f"question {question.id} has no reference solution: load the questions with "
+                             "`solution_field=solution` to locate errors")
+        return first_error(completion, question.solution)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -167,7 +167,8 @@ def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp
     assert list(rows) == ["base", "rft", "srt", "sdzero"]
     for label in ("base", "RFT", "SRT (Phase 1)", "SD-Zero"):
         assert f"| {label} |" in table
-    assert "| p |" in table and "reference" in table
+    assert "| p (seeds x questions) | p (seed means) | p (questions) |" in table and "reference" in table
+    assert "95% interval (seeds x questions)" in table and "ci_low" in rows["rft"]["vs_sdzero"]
     assert rows["base"]["generations"]["mean"] == 0
     assert rows["rft"]["generations"]["per_seed"] == {"0": 16, "1": 16}  # 4 questions x 4 samples
     assert rows["srt"]["generations"]["mean"] == 32  # 8 x (1 init + 3 revisions)
