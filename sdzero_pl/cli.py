@@ -14,6 +14,8 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
+from sdzero_pl.core.console import SDZeroParser, parsing, quiet, short_errors
+
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass fields are documented in --help
 
 
@@ -25,13 +27,25 @@ class SDZeroCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> SDZeroCLI:
-    """Entry point of ``main.py``; ``args`` replaces ``sys.argv[1:]`` (tests call it directly)."""
-    return SDZeroCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    """The CLI; ``args`` replaces ``sys.argv[1:]`` (tests and the pipelines call it directly). Errors raise; a bad
+    flag or config key exits with a short message (:class:`~sdzero_pl.core.console.SDZeroParser`)."""
+    quiet()
+    with parsing(args):
+        return SDZeroCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_class=SDZeroParser,
+            args=args,
+            run=run,
+        )
+
+
+def entry(args: list[str] | None = None) -> int:
+    """``main.py`` and the ``sdzero`` script: :func:`main`, with any error reported as the project's own message in a
+    few lines (``SDZERO_DEBUG=1``: the full traceback); returns the exit code."""
+    with short_errors() as failure:
+        main(args)
+    return failure.code

@@ -45,3 +45,10 @@ def questions_file(tmp_path_factory) -> str:
         for i in range(32):
             handle.write(json.dumps({"id": f"q{i}", "problem": f"What is {i}+{i + 1}?", "answer": str(2 * i + 1)}) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def dryrun_workdir(tmp_path_factory):
+    """One dry-run work directory per test run: the stand-in model and the schema-shaped hub mirrors (``hub/``)
+    are written once and shared by every test that reads them."""
+    return tmp_path_factory.mktemp("dryrun")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
 from sdzero_pl.rollout import HFRollout
+from sdzero_pl.rollout.base import Rollout
 from sdzero_pl.tasks import RewardBatch, Verifier
 
 DIGITS = "0123456789"
@@ -24,3 +27,18 @@ class CountingRollout(HFRollout):
     def generate(self, *args, **kwargs):
         CountingRollout.calls += 1
         return super().generate(*args, **kwargs)
+
+
+class LongTailRollout(HFRollout):
+    """HF generate, each completion cut to a long-tailed length (most short, a few up to ``max_new_tokens``) drawn
+    from its own tokens and its prompt's: the same sample gets the same length on any rank, in any run (length-aware
+    batching needs lengths that differ; a random tiny model rarely stops by itself)."""
+
+    def generate(self, prompt_ids, seed, desc="generate", max_new_tokens=None):
+        rollouts = super().generate(prompt_ids, seed, desc, max_new_tokens)
+        out = []
+        for prompt, rollout in zip(prompt_ids, rollouts):
+            u = random.Random(",".join(map(str, [*prompt, -1, *rollout.completion_ids]))).random()
+            keep = max(1, int(len(rollout.completion_ids) * u**3))
+            out.append(Rollout(rollout.completion_ids[:keep], "length"))
+        return out

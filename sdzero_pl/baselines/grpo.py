@@ -37,9 +37,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdzero_pl.contracts import GroupRollouts, connect
+from sdzero_pl.core.artifacts import use_atomic_checkpoints
+from sdzero_pl.core.guard import guard_callbacks
 from sdzero_pl.core.losses import normalised_sum, token_logps
 from sdzero_pl.core.models import (
-    check_dtypes, export_hf, export_path, hidden_states, load_model, load_policy, load_tokenizer, output_weight
+    EXPORT_KEY, check_dtypes, check_model_source, export_hf, export_path, hidden_states, load_model, load_policy,
+    load_tokenizer, output_weight
 )
 from sdzero_pl.core.optim import OptimArgs, optimizer_for
 from sdzero_pl.core.rl_losses import check_clip, clipped_pg_loss, k3_kl
@@ -145,6 +148,8 @@ class GRPOModule(L.LightningModule):
         if chunk_size < 1:
             raise ValueError(f"`--model.chunk_size` must be >= 1, got {chunk_size}")
         check_dtypes(dtype, export_dtype)
+        if kl_coef > 0 and ref_name_or_path:
+            check_model_source(ref_name_or_path, "--model.ref_name_or_path")
         self.save_hyperparameters()
         self.optim = OptimArgs.hold(self, optim)
         self.tokenizer = load_tokenizer(model_name_or_path)
@@ -152,6 +157,7 @@ class GRPOModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.ref: torch.nn.Module | None = None
         self.data: GroupRollouts | None = None
+        self.resumed_export: str | None = None  # where the run this one resumes exports (from its checkpoint)
 
     @property
     def start_model(self) -> str:
@@ -160,6 +166,16 @@ class GRPOModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":  # the data module samples from this module's policy and scores with it
             self.data = connect(self, self.trainer.datamodule, GroupRollouts)
+            use_atomic_checkpoints(self.trainer)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return guard_callbacks(self)  # non-finite loss / gradients / weights stop training, nothing is exported
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[EXPORT_KEY] = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.resumed_export = checkpoint.get(EXPORT_KEY)
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -167,7 +183,8 @@ class GRPOModule(L.LightningModule):
         hp = self.hparams
         self.policy = load_policy(hp.model_name_or_path, hp.dtype, hp.gradient_checkpointing)
         if hp.kl_coef > 0:
-            self.ref = load_model(hp.ref_name_or_path, hp.dtype) if hp.ref_name_or_path else copy.deepcopy(self.policy)
+            self.ref = (load_model(hp.ref_name_or_path, hp.dtype, flag="--model.ref_name_or_path")
+                        if hp.ref_name_or_path else copy.deepcopy(self.policy))
             self.ref.eval()
             self.ref.requires_grad_(False)
 
@@ -241,7 +258,7 @@ class GRPOModule(L.LightningModule):
         return optimizer_for(self.policy.parameters(), self.optim, self.trainer, steps)
 
     def on_train_end(self) -> None:
-        path = export_path(self.trainer, self.hparams.export_dir)
+        path = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
         if self.trainer.is_global_zero:
             export_hf(self.policy, self.tokenizer, path, dtype=self.hparams.export_dtype,
                       budget=self.data.budget_path())

@@ -19,7 +19,10 @@ from sdzero_pl.contracts import GroupPolicy, require
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.prompts import encode_prompts, stop_token_ids
 from sdzero_pl.core.rl_losses import group_advantages, zero_signal_groups
-from sdzero_pl.data.batching import RankShard, chunks, require_reload_every_epoch, step_totals
+from sdzero_pl.data.batching import (
+    PAD, Batching, MicroBatcher, RankShard, check_question_pool, chunks, padding_fraction, planned_epochs,
+    require_reload_every_epoch, step_totals
+)
 from sdzero_pl.data.questions import Question, QuestionSource, epoch_questions
 from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout, rollout_seed
 from sdzero_pl.tasks import MathReward, Verifier
@@ -34,6 +37,7 @@ class GroupRolloutDataModule(L.LightningDataModule):
         prompts_per_epoch: int = 128,
         group_size: int = 4,
         batch_size: int = 8,
+        batching: Batching = Batching(),
         ppo_epochs: int = 1,
         scale_by_std: bool = True,
         dynamic_sampling: bool = True,
@@ -42,13 +46,16 @@ class GroupRolloutDataModule(L.LightningDataModule):
         reward: Verifier | None = None,
         output_dir: str | None = None,
         seed: int = 0,
+        reuse_questions: bool = False,
     ) -> None:
         """
         Args:
             questions: the questions (the paper's baseline budget: ``num_questions`` 15K; set ``shuffle``).
             prompts_per_epoch: questions per epoch (all ranks together), each answered ``group_size`` times.
             group_size: completions per question, the group of the advantage (paper's budget: 4).
-            batch_size: sequences per micro-batch on each rank.
+            batch_size: sequences per micro-batch on each rank ("count" batching); an optimizer step takes the
+                sequences of ``accumulate_grad_batches`` such micro-batches in either batching mode.
+            batching: how a step's sequences are cut into micro-batches: fixed count, or by tokens (length-aware).
             ppo_epochs: passes over each epoch's rollouts (each pass takes its optimizer steps; > 1 makes the
                 policy drift from the one that sampled, so the clip matters).
             scale_by_std: divide the centred reward by the group's std (GRPO); false: ``r - mean`` only.
@@ -60,6 +67,8 @@ class GroupRolloutDataModule(L.LightningDataModule):
             reward: the verifier (``class_path``); default the math reward. It also reads the questions.
             output_dir: ``budget.json`` goes here; default ``<default_root_dir>/grpo_data``.
             seed: seed of the question order (``questions.shuffle``) and of the rollout seed streams.
+            reuse_questions: let the run cycle through its questions when it needs more (``prompts_per_epoch`` x
+                epochs) than ``questions`` holds; false: an error at setup, with the numbers.
         """
         super().__init__()
         for flag, value in (("prompts_per_epoch", prompts_per_epoch), ("group_size", group_size),
@@ -69,7 +78,8 @@ class GroupRolloutDataModule(L.LightningDataModule):
         if group_size < 2:
             raise ValueError(f"`--data.group_size` must be >= 2 (a group-relative advantage), got {group_size}")
         self.save_hyperparameters(ignore=["rollout", "reward"])
-        self.hparams.update(questions=asdict(questions))  # plain types in checkpoints
+        self.batcher = MicroBatcher(batching)
+        self.hparams.update(questions=asdict(questions), batching=asdict(self.batcher.batching))  # plain types
         self.source = questions
         self.module: GroupPolicy | None = None
         self.last_completions: list[str] = []
@@ -88,6 +98,7 @@ class GroupRolloutDataModule(L.LightningDataModule):
         """Read and check the questions (before any model weights load)."""
         if self.trainer is not None and stage == "fit":
             require_reload_every_epoch(self.trainer, "GRPO samples new rollouts")
+            self.batcher.accumulation(self.trainer)  # the user's, before any epoch's plan sets the trainer's
         if self.questions is not None:
             return
         self.questions = self.source.select(self.reward.load_questions(self.source), self.hparams.seed)
@@ -95,8 +106,18 @@ class GroupRolloutDataModule(L.LightningDataModule):
             raise ValueError(f"{self.source.name}: no questions left after skip_first={self.source.skip_first} "
                              "and exclusions")
 
+    def teardown(self, stage: str) -> None:
+        if self.trainer is not None and stage == "fit":
+            self.batcher.release(self.trainer)
+
     def connect(self, module: GroupPolicy) -> None:
         self.module = require(module, GroupPolicy, type(self).__name__)
+        if self.trainer is None:
+            return
+        steps = self.optimizer_steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
+        check_question_pool(len(self.questions), self.hparams.prompts_per_epoch, planned_epochs(self.trainer, steps),
+                            self.source.name, f"num_questions={self.source.num_questions}, "
+                            f"skip_first={self.source.skip_first}", self.hparams.reuse_questions)
 
     def epoch_questions(self, epoch: int) -> list[Question]:
         """The questions of one epoch (all ranks): the next ``prompts_per_epoch``, wrapping around the pool."""
@@ -128,7 +149,8 @@ class GroupRolloutDataModule(L.LightningDataModule):
             self.rollout.setup(module.policy, tokenizer, stops)
             self._bound = True
         questions = self.epoch_questions(epoch)[rank::world]
-        prompts = encode_prompts(tokenizer, [self.source.text(q) for q in questions], self.source.system_prompt)
+        prompts = encode_prompts(tokenizer, [self.source.text(q) for q in questions], self.source.system_prompt,
+                                 self.source.chat_template_kwargs)
         n = hp.group_size
         before_rollout(trainer, self.rollout, module.policy)  # e.g. the vLLM weight refresh
         start = time.perf_counter()
@@ -151,7 +173,7 @@ class GroupRolloutDataModule(L.LightningDataModule):
                                                   trained))
         kept = [e for j, e in enumerate(examples) if keep[j // n]]
         padding = dataclasses.replace(examples[0], completion_mask=[0] * len(examples[0].ids), advantage=0.0)
-        batches = self._batches(kept, padding, tokenizer.pad_token_id)  # 5. and 6.
+        batches, batch_stats = self._batches(kept, padding, tokenizer.pad_token_id)  # 5. and 6.
         tokens = sum(len(r.completion_ids) for r in rollouts)
         valid_rewards = rewards[valid]
         self.rollout_stats = {
@@ -164,6 +186,7 @@ class GroupRolloutDataModule(L.LightningDataModule):
             "rollout/skipped_answers": float(verdict.skipped),
             "rollout/verify_timeouts": float(verdict.timeouts),
             "time/generate_s": generate_s,
+            **batch_stats,
         }
         return batches
 
@@ -181,21 +204,30 @@ class GroupRolloutDataModule(L.LightningDataModule):
         return {"rollout/generations": float(generations), "rollout/generated_tokens": float(tokens),
                 "budget/generations": float(totals["generations"]), "budget/generated_tokens": float(totals["tokens"])}
 
-    def _batches(self, kept: list[RolloutExample], padding: RolloutExample, pad_id: int) -> list[dict]:
+    def _batches(self, kept: list[RolloutExample], padding: RolloutExample, pad_id: int
+                 ) -> tuple[list[dict], dict[str, float]]:
         """Equal micro-batch counts on all ranks, old / reference log-probs, ``ppo_epochs`` passes, and the
-        global token count of each optimizer step."""
+        global token count of each optimizer step; and the batching metrics."""
         trainer, module, hp = self.trainer, self.module, self.hparams
         strategy = trainer.strategy
         local = torch.tensor([math.ceil(len(kept) / hp.batch_size)], device=strategy.root_device)
         most = max(1, int(strategy.all_gather(local).max()))  # at least one (masked) micro-batch per epoch
-        micro = []
-        for indices in plan_micro_batches(len(kept), hp.batch_size, most):
-            rows = [kept[i] if i >= 0 else padding for i in indices]
-            batch = collate_rollouts(rows, pad_id)
-            batch["temperature"] = torch.tensor(float(self.rollout.temperature or 1.0))
-            batch.update(module.score_rollouts(batch))
-            micro.append((batch, sum(e.num_tokens for e in rows)))
-        steps = chunks(micro * hp.ppo_epochs, trainer.accumulate_grad_batches)  # each pass takes its own steps
-        totals = step_totals(strategy, [sum(t for _, t in step) for step in steps])
-        return [{**batch, "global_tokens": torch.tensor(int(total))} for step, total in zip(steps, totals)
-                for batch, _ in step]
+        micro = plan_micro_batches(len(kept), hp.batch_size, most)
+        steps = chunks(micro * hp.ppo_epochs, self.batcher.accumulation(trainer))  # each pass takes its own steps
+        plan = self.batcher.plan(trainer, steps, [len(e.ids) for e in kept])
+        totals = step_totals(strategy, [sum(kept[i].num_tokens for mb in step for i in mb if i != PAD)
+                                        for step in plan.steps])
+        scored: dict[tuple[int, ...], dict] = {}  # each distinct micro-batch scored once (the passes repeat them)
+        batches = []
+        for step, total in zip(plan.steps, totals):
+            for mb in step:
+                if tuple(mb) not in scored:
+                    batch = collate_rollouts([kept[i] if i != PAD else padding for i in mb], pad_id)
+                    batch["temperature"] = torch.tensor(float(self.rollout.temperature or 1.0))
+                    batch.update(module.score_rollouts(batch))
+                    scored[tuple(mb)] = batch
+                batches.append({**scored[tuple(mb)], "global_tokens": torch.tensor(int(total))})
+        stats = {"train/padding_frac": padding_fraction(batches, ("attention_mask",)),
+                 "train/micro_batches_per_step": float(plan.micro_batches_per_step or self.batcher.accumulate),
+                 "train/over_budget": float(plan.over_budget)}
+        return batches, stats

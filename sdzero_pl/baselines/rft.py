@@ -33,7 +33,7 @@ from sdzero_pl.contracts import PolicyModule
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.prompts import render_prompt
 from sdzero_pl.core.sequences import strip_stop
-from sdzero_pl.data.batching import require_reload_every_epoch
+from sdzero_pl.data.batching import Batching, require_reload_every_epoch
 from sdzero_pl.data.questions import DataError, Question, QuestionSource
 from sdzero_pl.data.records import (
     CollectionPaths, TraceFile, chunk_seed, collect_with_policy, collection_settings, read_trace_file, run_collection,
@@ -59,14 +59,14 @@ class SampleCollector:
 
     def __init__(self, rollout: RolloutBackend, reward: Verifier, *, instruction: str = "",
                  system_prompt: str | None = None, samples_per_question: int = 4, questions_per_chunk: int = 64,
-                 seed: int = 0) -> None:
+                 seed: int = 0, template_kwargs: dict | None = None) -> None:
         for flag, value in (("samples_per_question", samples_per_question), ("questions_per_chunk", questions_per_chunk)):
             if value < 1:
                 raise ValueError(f"`--data.{flag}` must be >= 1, got {value}")
         self.rollout, self.reward = rollout, reward
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.stop_ids: list[int] = []
-        self.instruction, self.system_prompt = instruction, system_prompt
+        self.instruction, self.system_prompt, self.template_kwargs = instruction, system_prompt, template_kwargs
         self.samples, self.chunk_size, self.seed = samples_per_question, questions_per_chunk, seed
 
     def bind(self, tokenizer: PreTrainedTokenizerBase, stop_ids: Sequence[int]) -> SampleCollector:
@@ -81,7 +81,9 @@ class SampleCollector:
     def settings(self, questions: Sequence[Question], extra: dict | None = None) -> dict:
         return collection_settings(questions, self.rollout, self.reward, self.chunk_size, self.seed,
                                    samples_per_question=self.samples, instruction=self.instruction,
-                                   system_prompt=self.system_prompt, **(extra or {}))
+                                   system_prompt=self.system_prompt,
+                                   **({"chat_template_kwargs": self.template_kwargs} if self.template_kwargs else {}),
+                                   **(extra or {}))
 
     def stop_reason(self, totals: dict[str, int]) -> str | None:
         return None  # every question is sampled
@@ -98,7 +100,8 @@ class SampleCollector:
     def collect_chunk(self, chunk: int, questions: Sequence[Question], first: int, source: str) -> list[dict]:
         """Sample k completions per question of one chunk, verify them; its sample, question and chunk lines."""
         tok, k = self.tokenizer, self.samples
-        prompts = [render_prompt(tok, q.question + self.instruction, self.system_prompt) for q in questions]
+        prompts = [render_prompt(tok, q.question + self.instruction, self.system_prompt, self.template_kwargs)
+                   for q in questions]
         prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
         seed = chunk_seed(self.seed, chunk, "rft")
         rollouts = self.rollout.generate([p for p in prompt_ids for _ in range(k)], seed=seed, desc=f"RFT chunk {chunk}")
@@ -202,6 +205,7 @@ class RFTDataModule(L.LightningDataModule):
         trim_repeats: bool = True,
         dedupe: bool = True,
         batch_size: int = 1,
+        batching: Batching = Batching(),
         max_length: int = 32768,
         shuffle_examples: bool = True,
         show_progress: bool = True,
@@ -222,7 +226,9 @@ class RFTDataModule(L.LightningDataModule):
             max_per_question: keep at most this many correct completions per question; null = all.
             trim_repeats: cut degenerate repeating tails of the completions (as Phase 1 does).
             dedupe: drop repeated (question, completion) pairs.
-            batch_size: sequences per micro-batch on each rank.
+            batch_size: sequences per micro-batch on each rank ("count" batching); an optimizer step takes
+                ``batch_size x accumulate_grad_batches`` sequences per rank in either batching mode.
+            batching: how a step's sequences are cut into micro-batches: fixed count, or by tokens (length-aware).
             max_length: longest training sequence in tokens; longer ones are cut on the right (and counted).
             shuffle_examples: reshuffle the training examples every epoch (seeded by ``seed`` and the epoch).
             show_progress: progress bar over the collected questions.
@@ -238,12 +244,14 @@ class RFTDataModule(L.LightningDataModule):
         if max_per_question is not None and max_per_question < 1:
             raise ValueError(f"`--data.max_per_question` must be >= 1 or null, got {max_per_question}")
         self.save_hyperparameters(ignore=["rollout", "reward"])
-        self.hparams.update(questions=asdict(questions))  # plain types in checkpoints
+        self.batching = Batching.of(batching)
+        self.hparams.update(questions=asdict(questions), batching=asdict(self.batching))  # plain types in checkpoints
         self.source = questions
         self.rollout = rollout or HFRollout()
         self.reward = reward or MathReward()
         self.collector = SampleCollector(self.rollout, self.reward, instruction=questions.instruction,
                                          system_prompt=questions.system_prompt,
+                                         template_kwargs=questions.chat_template_kwargs,
                                          samples_per_question=samples_per_question,
                                          questions_per_chunk=questions_per_chunk, seed=seed)
         self.questions: list[Question] | None = None
@@ -284,7 +292,7 @@ class RFTDataModule(L.LightningDataModule):
             rank_zero_warn(f"{self.paths().records}: no correct sample; nothing to train on, the exported model will "
                            "be the base model")
         examples = [encode_sample(module.tokenizer, s, hp.max_length) for s in samples]
-        self.plan = SFTPlan([examples], hp.batch_size, hp.shuffle_examples, hp.seed)
+        self.plan = SFTPlan([examples], hp.batch_size, hp.shuffle_examples, hp.seed, batching=self.batching)
         totals = summarize(state, TOTALS)
         self.stats = {f"data/{k}": float(v) for k, v in cleaning.items()}
         self.stats.update({
@@ -304,7 +312,13 @@ class RFTDataModule(L.LightningDataModule):
         return self.plan.stage_steps(trainer)
 
     def train_dataloader(self) -> DataLoader:
-        return self.plan.dataloader(self.trainer, self.pad_id)
+        loader = self.plan.dataloader(self.trainer, self.pad_id)
+        self.stats.update(self.plan.epoch_stats)  # logged by the module at the epoch's start
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        if self.plan is not None and self.trainer is not None and stage == "fit":
+            self.plan.release(self.trainer)
 
     def handoff(self) -> None:
         return None  # RFT is a baseline: nothing for Phase 2 to match

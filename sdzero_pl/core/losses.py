@@ -11,6 +11,13 @@ Never materialise [batch, seq, vocab] logits: the teacher's top-k is computed ov
 student's logits are computed ONLY at the k ids (``h . W[id]``), by an autograd function that recomputes the
 gathered weight rows chunk by chunk in backward instead of saving them. The renormalisation over the k ids
 cancels the student's full-vocab normaliser, so nothing else is needed.
+
+That renormalisation also hides how much of its probability the student keeps on the teacher's top-k: a student
+can move mass outside it at zero loss (verl dropped top-k reverse KL for this collapse, its issue #5041). The drift
+monitor measures that mass (:func:`full_logsumexp` gives the student's full-vocab normaliser, chunked), and the
+optional tail term compares k + 1 buckets, the k full-vocab probabilities plus one "rest" bucket (``1 - mass``),
+for both distributions (``student_log_mass`` / ``teacher_log_mass`` of :func:`topk_divergence`; TRL's SDFT calls it
+``distillation_add_tail``). Off by default, as in the paper.
 """
 
 from __future__ import annotations
@@ -44,20 +51,36 @@ def check_divergence(divergence: str, forward_weight: float) -> None:
         raise ValueError(f"`forward_weight` must be in [0, 1], got {forward_weight}")
 
 
+def with_rest_bucket(renormalised_logps: torch.Tensor, log_mass: torch.Tensor) -> torch.Tensor:
+    """k + 1 buckets from a distribution renormalised over k ids and the log of the full-vocab mass on them: the k
+    full-vocab log-probs ``logp + log_mass`` and the rest ``log(1 - mass)``. (N, k), (N,) -> (N, k + 1)"""
+    log_mass = log_mass.clamp(max=-torch.finfo(log_mass.dtype).tiny)  # mass 1: a rest of ~0, not log(0)
+    return torch.cat([renormalised_logps + log_mass[:, None], torch.log(-torch.expm1(log_mass))[:, None]], dim=-1)
+
+
 def topk_divergence(
     student_topk_logits: torch.Tensor,
     teacher_topk_logits: torch.Tensor,
     divergence: str = "mixed",
     forward_weight: float = 0.5,
+    student_log_mass: torch.Tensor | None = None,
+    teacher_log_mass: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-token divergence over the teacher's top-k ids, both renormalised over those ids.
+    """Per-token divergence over the teacher's top-k ids, both renormalised over those ids; with both log masses
+    given (the tail term), over k + 1 buckets instead: the k full-vocab probabilities and the rest.
 
-    student_topk_logits (N, k) carries the gradient; teacher_topk_logits (N, k) is detached here (stop-grad).
+    student_topk_logits (N, k) and student_log_mass (N,) carry the gradient; teacher_topk_logits (N, k) and
+    teacher_log_mass (N,) are detached here (stop-grad).
     Returns ``{"loss": (N,), "kl_forward": (N,), "kl_reverse": (N,)}``; only "loss" depends on ``divergence``.
     """
     check_divergence(divergence, forward_weight)
+    if (student_log_mass is None) != (teacher_log_mass is None):
+        raise ValueError("the tail term needs both the student's and the teacher's log mass on the top-k")
     student_logps = F.log_softmax(_upcast(student_topk_logits), dim=-1)  # (N, k)
     teacher_logps = F.log_softmax(_upcast(teacher_topk_logits.detach()), dim=-1)  # (N, k)
+    if student_log_mass is not None:
+        student_logps = with_rest_bucket(student_logps, _upcast(student_log_mass))  # (N, k + 1)
+        teacher_logps = with_rest_bucket(teacher_logps, _upcast(teacher_log_mass.detach()))  # (N, k + 1)
     kl_forward = forward_kl(student_logps, teacher_logps)  # (N,)
     kl_reverse = reverse_kl(student_logps, teacher_logps)  # (N,)
     if divergence == "reverse":
@@ -76,7 +99,9 @@ def teacher_topk(
     """Top-k ids and logits of ``hidden @ weight.T``, chunked over tokens; also the top-k probability mass.
 
     hidden (N, H), weight (V, H) -> ids (N, k), logits (N, k), mass (N,) = sum of the k full-vocab probs; logits and
-    mass in float32 (float64 for float64 inputs).
+    mass in float32 (float64 for float64 inputs). The ids come from the full product in the weights' dtype; the k
+    logits are then recomputed exactly as the student's are (:func:`gathered_logits`: float32 products of the
+    gathered rows), so the same model on the same context gives the same logits in both roles, also in bf16.
     """
     if not 1 <= k <= weight.shape[0]:
         raise ValueError(f"`top_k` must be in [1, vocab size {weight.shape[0]}], got {k}")
@@ -89,8 +114,10 @@ def teacher_topk(
         stop = min(start + chunk_size, n)
         full = _upcast(F.linear(hidden[start:stop], weight))  # (n, V), one chunk only
         values, indices = full.topk(k, dim=-1)  # (n, k)
-        ids[start:stop], logits[start:stop] = indices, values
+        ids[start:stop] = indices
         mass[start:stop] = (values.logsumexp(-1) - full.logsumexp(-1)).exp()
+        del full
+        _rows_logits(hidden[start:stop], weight, indices, _row_chunk(chunk_size, indices, hidden), logits[start:stop])
     return ids, logits, mass
 
 
@@ -103,6 +130,16 @@ def _row_chunk(chunk_size: int, ids: torch.Tensor, hidden: torch.Tensor) -> int:
     return max(1, min(chunk_size, _ROWS_BUDGET // max(1, ids.shape[-1] * hidden.shape[-1])))
 
 
+def _rows_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, step: int, out: torch.Tensor) -> None:
+    """out[n, j] = hidden[n] . weight[ids[n, j]] in float32 (float64 stays), ``step`` tokens at a time: the one
+    computation of top-k logits, shared by the teacher (no grad) and the student (:class:`_GatheredLogits`)."""
+    for start in range(0, hidden.shape[0], step):
+        stop = min(start + step, hidden.shape[0])
+        rows = _upcast(F.embedding(ids[start:stop], weight))  # (n, k, H)
+        out[start:stop] = torch.einsum("nh,nkh->nk", _upcast(hidden[start:stop]), rows)
+        del rows  # free before the next chunk's gather
+
+
 class _GatheredLogits(torch.autograd.Function):
     """logits[n, j] = hidden[n] . weight[ids[n, j]], saving only (hidden, weight, ids) for backward."""
 
@@ -110,11 +147,7 @@ class _GatheredLogits(torch.autograd.Function):
     def forward(ctx, hidden, weight, ids, chunk_size):  # (N, H), (V, H), (N, k) -> (N, k)
         out = torch.empty(ids.shape, dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
         step = _row_chunk(chunk_size, ids, hidden)
-        for start in range(0, hidden.shape[0], step):
-            stop = min(start + step, hidden.shape[0])
-            rows = _upcast(F.embedding(ids[start:stop], weight))  # (n, k, H)
-            out[start:stop] = torch.einsum("nh,nkh->nk", _upcast(hidden[start:stop]), rows)
-            del rows  # free before the next chunk's gather
+        _rows_logits(hidden, weight, ids, step, out)
         ctx.save_for_backward(hidden, weight, ids)
         ctx.step = step
         return out
@@ -123,7 +156,8 @@ class _GatheredLogits(torch.autograd.Function):
     def backward(ctx, grad_out):  # (N, k)
         hidden, weight, ids = ctx.saved_tensors
         grad_hidden = _upcast(torch.zeros_like(hidden)) if ctx.needs_input_grad[0] else None
-        grad_weight = _upcast(torch.zeros_like(weight)) if ctx.needs_input_grad[1] else None
+        exact = weight.dtype == _upcast(weight[:0]).dtype  # float32 / float64: accumulate in the gradient itself
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.step):
             stop = min(start + ctx.step, hidden.shape[0])
             g = _upcast(grad_out[start:stop])  # (n, k)
@@ -133,21 +167,63 @@ class _GatheredLogits(torch.autograd.Function):
                 grad_hidden[start:stop] = torch.einsum("nk,nkh->nh", g, rows)
             else:
                 rows = torch.empty(*g.shape, h.shape[-1], dtype=h.dtype, device=h.device)
-            if grad_weight is not None:
+            if grad_weight is not None and exact:
                 torch.mul(g.unsqueeze(-1), h.unsqueeze(1), out=rows)  # (n, k, H), reusing the rows buffer
                 grad_weight.index_add_(0, ids[start:stop].reshape(-1), rows.reshape(-1, h.shape[-1]))
             del rows
+        if grad_weight is not None and not exact:
+            _weight_grad_by_vocab_block(_upcast(grad_out), hidden, ids, grad_weight)
         return (
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-            None if grad_weight is None else grad_weight.to(weight.dtype),
+            grad_weight,
             None,
             None,
         )
 
 
+def _weight_grad_by_vocab_block(grad_out: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor,
+                                grad_weight: torch.Tensor) -> None:
+    """grad_weight[v] = sum over (n, j) with ids[n, j] == v of grad_out[n, j] * hidden[n], accumulated in float32 one
+    block of vocabulary rows at a time and written in the weights' dtype (bf16 / fp16): a float32 buffer of the
+    whole head (V x H x 4 bytes) would be the largest allocation of the loss. (N, k), (N, H), (N, k) -> (V, H)"""
+    width = hidden.shape[-1]
+    flat = ids.reshape(-1)
+    order = flat.argsort()  # the (n, j) pairs grouped by vocabulary row
+    sorted_ids, tokens, grads = flat[order], order // ids.shape[-1], grad_out.reshape(-1)[order]
+    block = max(1, _ROWS_BUDGET // width)  # vocabulary rows per float32 buffer, and pairs per contribution chunk
+    for v0 in range(0, grad_weight.shape[0], block):
+        lo, hi = torch.searchsorted(sorted_ids, torch.tensor([v0, v0 + block], device=ids.device)).tolist()
+        if lo == hi:
+            continue
+        rows = min(block, grad_weight.shape[0] - v0)
+        acc = torch.zeros(rows, width, dtype=torch.float32, device=hidden.device)
+        for p0 in range(lo, hi, block):
+            p1 = min(p0 + block, hi)
+            contrib = grads[p0:p1, None] * hidden[tokens[p0:p1]].float()  # (P, H)
+            acc.index_add_(0, sorted_ids[p0:p1] - v0, contrib)
+        grad_weight[v0:v0 + rows] = acc.to(grad_weight.dtype)
+
+
 def gathered_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
     """Student logits at the given ids only, with gradient: (N, H), (V, H), (N, k) -> (N, k), float32 or float64."""
     return _GatheredLogits.apply(hidden, weight, ids, chunk_size)
+
+
+def _chunk_logsumexp(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _upcast(F.linear(hidden, weight)).logsumexp(-1)  # (n, V) for one chunk only -> (n,)
+
+
+def full_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
+    """The full-vocabulary normaliser ``logsumexp(hidden @ weight.T)`` of each token, ``chunk_size`` rows at a time;
+    with gradient, each chunk's logits are recomputed in backward (activation checkpointing). (N, H), (V, H) -> (N,),
+    float32 (float64 for float64 inputs). The student's log mass on the teacher's top-k is
+    ``logsumexp(student_topk_logits) - full_logsumexp(student_h, W)``."""
+    track = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (hidden[start:start + chunk_size], weight)
+        parts.append(checkpoint(_chunk_logsumexp, *args, use_reentrant=False) if track else _chunk_logsumexp(*args))
+    return torch.cat(parts) if parts else _upcast(hidden.new_zeros(0))
 
 
 def normalised_sum(per_token: torch.Tensor, global_tokens: int, accumulate: int = 1, world_size: int = 1) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -26,9 +27,10 @@ def check_dtypes(*dtypes: str | None) -> None:
             resolve_dtype(dtype)
 
 
-def load_model(name_or_path: str, dtype: str = "bfloat16", attn_implementation: str | None = None) -> PreTrainedModel:
-    """A causal LM from a hub id or a local HF directory, in ``dtype``."""
-    _check_local(name_or_path)
+def load_model(name_or_path: str, dtype: str = "bfloat16", attn_implementation: str | None = None,
+               flag: str = "--model.model_name_or_path") -> PreTrainedModel:
+    """A causal LM from a hub id or a local HF directory, in ``dtype``; ``flag`` names the argument in errors."""
+    check_model_source(name_or_path, flag)
     kwargs = {"dtype": resolve_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -46,24 +48,43 @@ def load_policy(name_or_path: str, dtype: str, gradient_checkpointing: bool = Fa
     return model
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer, left-padded for generation; it must carry a chat template and a pad or EOS token."""
-    _check_local(name_or_path)
+def load_tokenizer(name_or_path: str, flag: str = "--model.model_name_or_path") -> PreTrainedTokenizerBase:
+    """The tokenizer, left-padded for generation; it must carry a chat template and a pad or EOS token. Called in
+    the modules' constructors, so a wrong model path fails before any weights load."""
+    check_model_source(name_or_path, flag)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, padding_side="left")
     if tokenizer.chat_template is None:
-        raise ValueError(f"the tokenizer of {name_or_path!r} has no chat template; SD-Zero prompts need one")
+        raise ValueError(f"`{flag}`: the tokenizer of {name_or_path!r} has no chat template; SD-Zero prompts need one")
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+            raise ValueError(f"`{flag}`: the tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token  # pad == eos: masks are built from lengths, never from ids
     return tokenizer
 
 
-def _check_local(name_or_path: str) -> None:
-    path = Path(name_or_path)
-    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not (path.expanduser() / "config.json").exists() and not (path / "tokenizer_config.json").exists():
-        raise FileNotFoundError(f"{name_or_path!r} is not a Hugging Face model directory (no config.json)")
+def check_model_source(name_or_path: str, flag: str) -> None:
+    """Fail now, naming the flag and the value, when ``name_or_path`` cannot be a model: a local path that is not an
+    HF model directory, or a hub id that cannot be found (offline: not in the local cache). Reads the config only
+    (a few KB), never weights."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith((".", "/", "~")) or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"`{flag}`: {name_or_path!r} does not exist (a local model directory was meant: "
+                                    "it starts with '.', '/' or '~')")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"`{flag}`: {name_or_path!r} is not a Hugging Face model directory (no "
+                                    "config.json; an unfinished export has no manifest and no config either)")
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        where = ("no model of that name is in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+                 "downloading it" if offline else
+                 f"the Hugging Face Hub has no model of that name, or it is gated ({type(error).__name__})")
+        raise FileNotFoundError(f"`{flag}`: {name_or_path!r} is not a local directory, and {where}") from None
 
 
 def backbone(model: PreTrainedModel) -> torch.nn.Module:
@@ -95,23 +116,44 @@ def hidden_states(model: PreTrainedModel, ids: torch.Tensor, attention_mask: tor
     return out.last_hidden_state
 
 
-def export_path(trainer, export_dir: str | None) -> str:
-    """Where a training module's final HF model goes: ``export_dir``, or ``<default_root_dir>/hf_model`` (one place
-    per run directory, the same for a resumed run)."""
-    return export_dir or os.path.join(trainer.default_root_dir, "hf_model")
+EXPORT_KEY = "sdzero_export_dir"  # where a run exports, recorded in its checkpoints (a resumed run exports there too)
+
+
+def export_path(trainer, export_dir: str | None, resumed: str | None = None) -> str:
+    """Where a training module's final HF model goes: ``export_dir`` if set; else the place recorded in the checkpoint
+    this run resumed from (``resumed``, :data:`EXPORT_KEY`), so a resumed run exports where the run it resumes would
+    have, whatever its ``default_root_dir``; else ``<default_root_dir>/hf_model``."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    default = os.path.join(trainer.default_root_dir, "hf_model")
+    if export_dir:
+        return export_dir
+    if resumed and os.path.abspath(resumed) != os.path.abspath(default):
+        rank_zero_info(f"exporting to {resumed}, where the resumed run exports (recorded in its checkpoint); "
+                       f"`--model.export_dir` chooses another place")
+    return resumed or default
 
 
 def export_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path,
               state_dict: dict[str, torch.Tensor] | None = None, dtype: str | None = None,
-              budget: Path | None = None) -> Path:
+              budget: Path | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Save a trained model and its tokenizer as a standard Hugging Face directory (``from_pretrained`` and vLLM
-    load it). ``model`` may be a sharding wrapper (its HF model is saved); ``state_dict``: the full weights gathered
-    from shards (:func:`~sdzero_pl.core.sharding.gather_state_dict`); ``dtype``: convert the saved weights (e.g.
+    load it), atomically: everything is written into a temporary sibling that is renamed to ``path`` only once
+    complete, with a manifest (:func:`~sdzero_pl.core.artifacts.staged_dir`); a kill at any point leaves ``path``
+    as it was, and :func:`~sdzero_pl.core.artifacts.is_complete` tells a finished export from anything else.
+
+    ``model`` may be a sharding wrapper (its HF model is saved); ``state_dict``: the full weights gathered from
+    shards (:func:`~sdzero_pl.core.sharding.gather_state_dict`); ``dtype``: convert the saved weights (e.g.
     "bfloat16"; the live model is converted in place, training is over); ``budget``: a sample-budget ledger copied
-    next to the weights as ``budget.json`` (when it exists). The saved config re-enables the KV cache that gradient
-    checkpointing switched off."""
+    next to the weights as ``budget.json`` (it must exist); ``extra(directory)``: writes more files into the
+    export before it is published (Phase 1's hand-off record, a merged ledger). The saved config re-enables the KV
+    cache that gradient checkpointing switched off. Other kinds of export (an adapter only) use ``staged_dir``
+    the same way."""
+    from sdzero_pl.core.artifacts import staged_dir
     from sdzero_pl.core.sharding import hf_model
 
+    if budget is not None and not Path(budget).is_file():
+        raise FileNotFoundError(f"the sample-budget ledger {budget} to export with the model does not exist")
     hf = hf_model(model)
     hf.config.use_cache = True  # the saved model generates with its KV cache
     if dtype is not None:
@@ -120,8 +162,11 @@ def export_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: 
             state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
         else:
             hf.to(target)
-    hf.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(path)
-    if budget is not None and budget.exists():
-        shutil.copy(budget, Path(path) / "budget.json")
+    with staged_dir(path, kind="hf_model") as directory:
+        hf.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
+        tokenizer.save_pretrained(directory)
+        if budget is not None:
+            shutil.copy(budget, directory / "budget.json")
+        if extra is not None:
+            extra(directory)
     return Path(path)

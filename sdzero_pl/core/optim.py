@@ -28,6 +28,9 @@ class OptimArgs:
     """linear warm-up in optimizer steps; overrides ``warmup_ratio`` when > 0."""
     warmup_ratio: float = 0.0
     """linear warm-up as a fraction of the (stage's) optimizer steps, used when ``warmup_steps`` is 0."""
+    warmup_start: float = 0.0
+    """learning-rate multiplier of the first optimizer step, rising linearly to 1 at the end of the warm-up
+    (reference code, Phase 2: 0.1, i.e. from 0.1 x lr); 0: the first step is at lr / warm-up steps."""
     schedule: str = "constant"
     """after warm-up: "constant", "cosine" or "linear" decay."""
     min_lr_ratio: float = 0.0
@@ -42,6 +45,8 @@ class OptimArgs:
             raise ValueError(f"`--model.optim.warmup_steps` must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"`--model.optim.warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.warmup_start < 1.0:
+            raise ValueError(f"`--model.optim.warmup_start` must be in [0, 1), got {self.warmup_start}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"`--model.optim.min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -58,10 +63,13 @@ class OptimArgs:
         return self.warmup_steps or int(round(self.warmup_ratio * total_steps))
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0,
+              warmup_start: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based). Warm-up: ``(step + 1) / W``, or
+    with ``warmup_start`` s > 0 ``s + (1 - s) * step / W`` (torch's ``LinearLR(start_factor=s, total_iters=W)``, the
+    reference code's Phase-2 schedule)."""
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return warmup_start + (1.0 - warmup_start) * step / warmup_steps if warmup_start else (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -74,7 +82,7 @@ def staged_lr_factor(step: int, stage_steps: list[int], optim: OptimArgs) -> flo
     separate runs would (the reference code's two SFT stages)."""
     for index, total in enumerate(stage_steps):
         if step < total or index == len(stage_steps) - 1:
-            return lr_factor(step, total, optim.warmup(total), optim.schedule, optim.min_lr_ratio)
+            return lr_factor(step, total, optim.warmup(total), optim.schedule, optim.min_lr_ratio, optim.warmup_start)
         step -= total
     return 1.0
 
@@ -86,7 +94,8 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], optim: OptimArgs, 
                                   betas=tuple(optim.betas))
     if len(stage_steps) == 1:
         total, warmup = stage_steps[0], optim.warmup(stage_steps[0])
-        schedule = lambda step: lr_factor(step, total, warmup, optim.schedule, optim.min_lr_ratio)  # noqa: E731
+        schedule = lambda step: lr_factor(step, total, warmup, optim.schedule, optim.min_lr_ratio,  # noqa: E731
+                                          optim.warmup_start)
     else:
         schedule = lambda step: staged_lr_factor(step, stage_steps, optim)  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

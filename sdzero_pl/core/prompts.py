@@ -9,7 +9,7 @@ must use the same strings, so every caller goes through :class:`ControlPhrases` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -71,20 +71,26 @@ def control_text(phrases: dict[int, str], reward: float) -> str:
     return SEPARATOR + phrases[1 if reward >= 0.5 else 0] + SEPARATOR
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system_prompt: str | None = None) -> str:
-    """chat(x): the question as a user turn, the assistant turn opened (generation prompt appended)."""
+def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system_prompt: str | None = None,
+                  template_kwargs: dict[str, Any] | None = None) -> str:
+    """chat(x): the question as a user turn, the assistant turn opened (generation prompt appended).
+    ``template_kwargs`` go to the chat template (``{"enable_thinking": False}``: a hybrid-thinking model's
+    non-thinking mode, the paper's)."""
     messages = [{"role": "user", "content": question}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **(template_kwargs or {}))
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], system_prompt: str | None = None
+    tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], system_prompt: str | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[list[int]]:
     """Token ids of chat(x) for each question (the template already holds any special tokens)."""
     return [
-        tokenizer.encode(render_prompt(tokenizer, q, system_prompt), add_special_tokens=False) for q in questions
+        tokenizer.encode(render_prompt(tokenizer, q, system_prompt, template_kwargs), add_special_tokens=False)
+        for q in questions
     ]
 
 

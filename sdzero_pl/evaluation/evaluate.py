@@ -19,12 +19,15 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from sdzero_pl.core.artifacts import atomic_write_json, atomic_write_text, read_manifest, write_manifest
+from sdzero_pl.core.console import advance_bar
 from sdzero_pl.core.models import load_model, load_tokenizer
 from sdzero_pl.core.prompts import ControlPhrases, control_text, encode_prompts, stop_token_ids
 from sdzero_pl.core.sequences import strip_stop
@@ -74,6 +77,7 @@ class EvalDataModule(L.LightningDataModule):
         benchmark_overrides: dict[str, dict[str, Any]] | None = None,
         instruction: str = DEFAULT_INSTRUCTION,
         system_prompt: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         max_questions: int | None = None,
         batch_size: int = 8,
     ) -> None:
@@ -86,6 +90,8 @@ class EvalDataModule(L.LightningDataModule):
                 ``{aime25: {source: math-ai/aime25, split: test}}``.
             instruction: text appended to every question.
             system_prompt: optional system message of the chat.
+            chat_template_kwargs: extra chat-template arguments, e.g. ``{enable_thinking: false}`` for hybrid-thinking
+                models (the paper evaluates in non-thinking mode); must be the training configs'.
             max_questions: keep only the first N questions of each benchmark (smoke tests); None = all.
             batch_size: questions per step (each sampled ``num_samples`` times).
         """
@@ -97,7 +103,7 @@ class EvalDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         # Read from attributes, not self.hparams: LightningCLI gives every data module it builds (also one nested
         # in a callback such as BenchmarkEval) the hparams of the top-level `data` entry.
-        self.instruction, self.system_prompt = instruction, system_prompt
+        self.instruction, self.system_prompt, self.chat_template_kwargs = instruction, system_prompt, chat_template_kwargs
         self.max_questions, self.batch_size = max_questions, batch_size
         entries = list(benchmarks) if benchmarks is not None else list(PAPER_BENCHMARKS)
         if not entries:
@@ -111,6 +117,7 @@ class EvalDataModule(L.LightningDataModule):
             raise ValueError(f"`--data.benchmark_overrides` names benchmarks that are not evaluated: {stray} "
                              f"(evaluated: {names})")
         self.items: list[EvalItem] | None = None
+        self.ungraded: dict[str, int] = {}  # per benchmark: questions left out, their answer kind cannot be graded
 
     @property
     def benchmark_names(self) -> list[str]:
@@ -121,7 +128,8 @@ class EvalDataModule(L.LightningDataModule):
         if self.items is None:
             items = []
             for bench in self.benchmarks:
-                questions = load_benchmark(bench)[: self.max_questions]
+                loaded = load_benchmark(bench)
+                questions, self.ungraded[bench.name] = loaded.questions[: self.max_questions], loaded.ungraded
                 if not questions:
                     raise ValueError(f"benchmark {bench.name!r} ({bench.source}) holds no questions")
                 items += [EvalItem(bench.name, q, q.question + self.instruction) for q in questions]
@@ -159,13 +167,17 @@ class Sampler:
         self.stop_ids, self.num_samples = list(stop_ids), num_samples
         self.phrases, self.revise_max_new_tokens = phrases, revise_max_new_tokens
 
-    def __call__(self, items: Sequence[EvalItem], system_prompt: str | None, seed: int,
-                 revise_seed: int) -> list[SampleRecord]:
+    def __call__(self, items: Sequence[EvalItem], system_prompt: str | None, seed: int, revise_seed: int,
+                 progress: Callable[[float], None] | None = None,
+                 template_kwargs: dict[str, Any] | None = None) -> list[SampleRecord]:
+        """``progress(fraction)`` is told how much of this batch's generation (samples, then revisions) is done;
+        ``template_kwargs``: extra arguments of the chat template (e.g. ``enable_thinking``)."""
         n, tok = self.num_samples, self.tokenizer
-        prompts = encode_prompts(tok, [item.text for item in items], system_prompt)
+        prompts = encode_prompts(tok, [item.text for item in items], system_prompt, template_kwargs)
         repeated = [p for p in prompts for _ in range(n)]
         answers = [item.question.answer for item in items for _ in range(n)]
-        rollouts = self.rollout.generate(repeated, seed=seed, desc="eval samples")
+        tick = None if progress is None else _counter(len(repeated) * (1 if self.phrases is None else 2), progress)
+        rollouts = self.rollout.generate(repeated, seed=seed, desc="eval samples", on_progress=tick)
         texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
         rewards = self.reward(texts, answers).rewards
         records = [
@@ -174,10 +186,10 @@ class Sampler:
             for i, r in enumerate(rollouts)
         ]
         if self.phrases is not None:
-            self._revise(records, repeated, rollouts, answers, revise_seed)
+            self._revise(records, repeated, rollouts, answers, revise_seed, tick)
         return records
 
-    def _revise(self, records, prompts, rollouts, answers, seed: int) -> None:
+    def _revise(self, records, prompts, rollouts, answers, seed: int, tick: Callable[[int], None] | None) -> None:
         """Revision context: chat(x) + y' + "\\n\\n" + P_r + "\\n\\n", the delimiter tokenized on its own."""
         tok = self.tokenizer
         controls = {r: tok.encode(control_text(self.phrases, r), add_special_tokens=False) for r in (0.0, 1.0)}
@@ -186,12 +198,22 @@ class Sampler:
             for prompt, rollout, rec in zip(prompts, rollouts, records)
         ]
         revisions = self.rollout.generate(contexts, seed=seed, desc="eval revisions",
-                                          max_new_tokens=self.revise_max_new_tokens)
+                                          max_new_tokens=self.revise_max_new_tokens, on_progress=tick)
         texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in revisions]
         rewards = self.reward(texts, answers).rewards
         for rec, revision, text, reward in zip(records, revisions, texts, rewards):
             rec.revision_reward, rec.revision_tokens = reward, len(revision.completion_ids)
             rec.revision_truncated, rec.revision = revision.truncated, text
+
+
+def _counter(total: int, progress: Callable[[float], None]) -> Callable[[int], None]:
+    done = [0]
+
+    def tick(count: int) -> None:
+        done[0] += count
+        progress(min(done[0] / max(total, 1), 1.0))
+
+    return tick
 
 
 def evaluate_questions(model: torch.nn.Module, tokenizer, questions: Sequence[Question], *, rollout: RolloutBackend,
@@ -223,14 +245,22 @@ def evaluate_questions(model: torch.nn.Module, tokenizer, questions: Sequence[Qu
 def write_results(results: dict[str, dict[str, float]], directory: str, stage: str,
                   settings: dict[str, Any]) -> tuple[str, str]:
     """``eval_<stage>.json`` (raw fractions + the settings used) and ``eval_<stage>.md`` (the table)."""
-    os.makedirs(directory, exist_ok=True)
     json_path, md_path = os.path.join(directory, f"eval_{stage}.json"), os.path.join(directory, f"eval_{stage}.md")
     clean = {b: {k: (None if math.isnan(v) else v) for k, v in row.items()} for b, row in results.items()}
-    with open(json_path, "w", encoding="utf-8") as handle:
-        json.dump({"settings": settings, "results": clean}, handle, indent=2)
-    with open(md_path, "w", encoding="utf-8") as handle:
-        handle.write(markdown_table(results))
+    atomic_write_json(json_path, {"settings": settings, "results": clean})
+    atomic_write_text(md_path, markdown_table(results))
     return json_path, md_path
+
+
+def record_complete(directory: str, stage: str) -> None:
+    """Mark the evaluation in ``directory`` as finished (:func:`~sdzero_pl.core.artifacts.is_complete`): a manifest
+    of its result and sample files, written last (those of an earlier stage in the same directory are kept)."""
+    earlier = read_manifest(directory)
+    names = {name for name in (earlier["files"] if earlier else {}) if os.path.isfile(os.path.join(directory, name))}
+    names |= {name for name in os.listdir(directory)
+              if name in (f"eval_{stage}.json", f"eval_{stage}.md") or
+              (name.startswith(f"samples_{stage}_rank") and name.endswith(".jsonl"))}
+    write_manifest(directory, "evaluation", sorted(names))
 
 
 def check_sampling(num_samples: int, pass_k: Sequence[int], prefix: str) -> None:
@@ -249,6 +279,8 @@ def _settings(sampler_rollout: RolloutBackend, data: EvalDataModule, **extra: An
         "max_new_tokens": sampler_rollout.max_new_tokens,
         "benchmarks": {b.name: asdict(b) for b in data.benchmarks},
         "instruction": data.instruction,
+        "chat_template_kwargs": data.chat_template_kwargs,
+        "ungraded": dict(data.ungraded),
     }
 
 
@@ -322,13 +354,16 @@ class EvalModule(L.LightningModule):
             self.rollout.setup(self.policy, self.tokenizer, stops)
             self._sampler = Sampler(self.rollout, self.reward, self.tokenizer, stops, hp.num_samples,
                                     self.phrases if hp.revise else None, hp.revise_max_new_tokens)
-        self.scores = BenchmarkScores(data.benchmark_names, hp.num_samples, self.pass_k, hp.revise).to(self.device)
+        self.scores = BenchmarkScores(data.benchmark_names, hp.num_samples, self.pass_k, hp.revise,
+                                      [data.ungraded.get(n, 0) for n in data.benchmark_names]).to(self.device)
         self._records = []
 
-    def _step(self, batch: list[EvalItem], batch_idx: int) -> None:
-        seed, rank = self.hparams.seed, self.global_rank
-        records = self._sampler(batch, self.trainer.datamodule.system_prompt, seed=rollout_seed(seed, batch_idx, rank),
-                                revise_seed=rollout_seed(seed + 1, batch_idx, rank))
+    def _step(self, batch: list[EvalItem], batch_idx: int, stage: str) -> None:
+        seed, rank, data = self.hparams.seed, self.global_rank, self.trainer.datamodule
+        records = self._sampler(batch, data.system_prompt, seed=rollout_seed(seed, batch_idx, rank),
+                                revise_seed=rollout_seed(seed + 1, batch_idx, rank),
+                                progress=lambda done: advance_bar(self.trainer, stage, batch_idx + done),
+                                template_kwargs=data.chat_template_kwargs)
         self.scores.update(records)
         if self.hparams.save_samples:
             self._records.extend(records)
@@ -339,20 +374,23 @@ class EvalModule(L.LightningModule):
             values = {f"{stage}/{bench}/{k}": v for k, v in row.items() if not math.isnan(v)}
             self.log_dict(values, batch_size=1)
         directory = self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir
+        if self.hparams.save_samples:  # every rank's samples first, then the results, then the manifest
+            write_samples(self._records, os.path.join(directory, f"samples_{stage}_rank{self.global_rank}.jsonl"))
+        self.trainer.strategy.barrier("eval samples")
         if self.trainer.is_global_zero:
             hp = self.hparams
             settings = _settings(self.rollout, self.trainer.datamodule, model_name_or_path=hp.model_name_or_path,
                                  num_samples=hp.num_samples, pass_k=self.pass_k, revise=hp.revise, seed=hp.seed)
             write_results(results, directory, stage, settings)
-        if self.hparams.save_samples:
-            write_samples(self._records, os.path.join(directory, f"samples_{stage}_rank{self.global_rank}.jsonl"))
+            record_complete(directory, stage)
+            rank_zero_info(f"\n{hp.model_name_or_path}: {stage} results ({directory})\n\n{markdown_table(results)}")
         self.scores.reset()
 
     def on_validation_start(self) -> None:
         self._begin()
 
     def validation_step(self, batch: list[EvalItem], batch_idx: int) -> None:
-        self._step(batch, batch_idx)
+        self._step(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._finish("val")
@@ -361,14 +399,11 @@ class EvalModule(L.LightningModule):
         self._begin()
 
     def test_step(self, batch: list[EvalItem], batch_idx: int) -> None:
-        self._step(batch, batch_idx)
+        self._step(batch, batch_idx, "test")
 
     def on_test_epoch_end(self) -> None:
         self._finish("test")
 
 
 def write_samples(records: Sequence[SampleRecord], path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(asdict(record)) + "\n")
+    atomic_write_text(path, "".join(json.dumps(asdict(record)) + "\n" for record in records))

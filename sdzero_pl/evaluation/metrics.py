@@ -79,6 +79,31 @@ def bucket_shares(divergences: Sequence[float] | torch.Tensor, num_buckets: int 
     return [float(b.sum()) / total for b in buckets]
 
 
+def bucket_means(divergences: Sequence[float] | torch.Tensor, num_buckets: int = 20) -> list[float | None]:
+    """Mean D_t of each of the same buckets as :func:`bucket_shares` (highest D_t first): the absolute level, which the
+    shares hide (two classes with the same shares can differ by orders of magnitude). None for an empty bucket."""
+    if num_buckets < 1:
+        raise ValueError(f"`num_buckets` must be >= 1, got {num_buckets}")
+    values = torch.as_tensor(divergences, dtype=torch.float64).flatten()
+    if values.numel() == 0:
+        raise ValueError("bucket means need at least one token")
+    buckets = torch.tensor_split(values.sort(descending=True).values, num_buckets)
+    return [float(b.mean()) if b.numel() else None for b in buckets]
+
+
+def clamp_roundoff(values: torch.Tensor, tolerance: float, what: str = "D_t") -> torch.Tensor:
+    """A divergence computed in floating point can come out slightly below 0 (float32 KL terms: about -5e-7). Values
+    in [-tolerance, 0) become 0; a NaN, an infinity or a value below -tolerance is real corruption and raises,
+    naming how many values are bad and the worst one."""
+    finite = torch.isfinite(values)
+    bad = ~finite | (values < -tolerance)
+    if bool(bad.any()):
+        worst = values[bad][0].item() if not bool(finite.all()) else values.min().item()
+        raise ValueError(f"{int(bad.sum())} of {values.numel()} {what} values are not finite or below "
+                         f"-{tolerance:g} (e.g. {worst:.6g}): the scores are corrupted, not rounded")
+    return values.clamp(min=0.0)
+
+
 def mean_bucket_shares(responses: Sequence[Sequence[float]], num_buckets: int = 20) -> list[float]:
     """Per-response bucket shares averaged over responses (each response weighs the same). Responses with fewer
     tokens than buckets are left out: their shares would be padded with empty buckets."""
@@ -228,9 +253,13 @@ class RevisionStats(Metric):
 class BenchmarkScores(torch.nn.Module):
     """Per-benchmark torchmetrics (summed across ranks): avg@n, pass@k, length, truncation, revision stats."""
 
-    def __init__(self, names: Sequence[str], num_samples: int, pass_k: Sequence[int], revise: bool) -> None:
+    def __init__(self, names: Sequence[str], num_samples: int, pass_k: Sequence[int], revise: bool,
+                 ungraded: Sequence[int] | None = None) -> None:
+        """``ungraded``: per benchmark, the questions left out because their answers cannot be graded (reported in
+        the ``ungraded`` column, never scored)."""
         super().__init__()
         self.names, self.num_samples, self.pass_k, self.revise = list(names), num_samples, list(pass_k), revise
+        self.ungraded = list(ungraded) if ungraded is not None else [0] * len(self.names)
         self.metrics = torch.nn.ModuleDict({f"b{i}": self._metric_set() for i in range(len(self.names))})
 
     def _metric_set(self) -> torch.nn.ModuleDict:
@@ -272,7 +301,8 @@ class BenchmarkScores(torch.nn.Module):
             row = {f"avg@{self.num_samples}": float(m["avg"].compute()),
                    **{f"pass@{k}": float(m[f"pass{k}"].compute()) for k in self.pass_k},
                    "len_mean": float(m["len"].compute()), "truncated_frac": float(m["truncated"].compute()),
-                   "questions": float(m["questions"].compute()), "skipped": float(m["skipped"].compute())}
+                   "questions": float(m["questions"].compute()), "skipped": float(m["skipped"].compute()),
+                   "ungraded": float(self.ungraded[i])}
             if self.revise:
                 row.update({key: float(v) for key, v in m["revision"].compute().items()})
             results[name] = row
@@ -290,7 +320,7 @@ def average_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     out = {}
     for key in rows[0] if rows else []:
         values = [row[key] for row in rows if not math.isnan(row[key])]
-        if key in ("questions", "skipped"):
+        if key in COUNTS:
             out[key] = float(sum(values))
         else:
             out[key] = sum(values) / len(values) if values else float("nan")
@@ -298,6 +328,7 @@ def average_rows(rows: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 _PERCENT = ("avg@", "pass@", "_acc", "_rate", "_frac")
+COUNTS = ("questions", "skipped", "ungraded")  # summed over benchmarks, shown as integers
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:
@@ -312,7 +343,7 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
                 cells.append("-")
             elif any(tag in key for tag in _PERCENT):
                 cells.append(f"{100 * value:.1f}")
-            elif key in ("questions", "skipped"):
+            elif key in COUNTS:
                 cells.append(str(int(value)))
             else:
                 cells.append(f"{value:.1f}")

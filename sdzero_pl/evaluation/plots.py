@@ -7,7 +7,8 @@ Reads every TensorBoard event file under RUN_DIR (all versions; each is one line
 
 * ``accuracy.png`` (avg@n / pass@k / revision accuracies), ``reward.png``, ``length.png``, ``kl.png``
   (``train/loss``, ``train/kl_*``), ``behaviour.png`` (self-revision phrase frequencies) - one panel per metric;
-* ``self_localization_buckets.png``: the latest step's bucket shares, r=0 against r=1 (the paper's analysis);
+* ``self_localization_buckets.png``: the latest step's bucket shares and mean D_t per bucket (log scale), r=0
+  against r=1 (the paper's analysis);
 * ``self_localization_over_training.png``: the bucket shares of every logged step.
 
 A figure whose metrics were never logged is not written. The command prints the paths it wrote.
@@ -141,12 +142,15 @@ def behaviour_figure(scalars: dict[str, Series], tags: Sequence[str]):
     return figure
 
 
-def bucket_figure(shares: dict[str, Sequence[float] | None], title: str):
-    """The paper's bucket analysis: share of the total divergence per D_t bucket (0 = highest), r=0 vs r=1."""
-    figure = _figure(7.0, 3.5)
-    axis = figure.add_subplot(1, 1, 1)
+def bucket_figure(shares: dict[str, Sequence[float] | None], title: str,
+                  means: dict[str, Sequence[float | None] | None] | None = None):
+    """The paper's bucket analysis, r=0 vs r=1: each D_t bucket's share of its class's total divergence (0 = highest
+    D_t); with ``means``, a second panel with each bucket's mean D_t on a log scale, the absolute level the shares
+    hide (both classes can put ~95% of their mass in bucket 0 while right answers sit far lower)."""
+    figure = _figure(12.0 if means else 7.0, 3.5)
     styles = {"r0": ("wrong (r=0)", "tab:red", -0.2), "r1": ("right (r=1)", "tab:blue", 0.2)}
     num_buckets = max((len(v) for v in shares.values() if v), default=0)
+    axis = figure.add_subplot(1, 2 if means else 1, 1)
     for key, values in shares.items():
         if values:
             label, color, offset = styles[key]
@@ -156,8 +160,23 @@ def bucket_figure(shares: dict[str, Sequence[float] | None], title: str):
         axis.legend()
     axis.set_xticks(range(num_buckets))
     axis.set_xlabel(f"D_t bucket (tokens sorted by divergence, highest first; {num_buckets} buckets)")
-    axis.set_ylabel("share of total divergence")
+    axis.set_ylabel("share of the class's total divergence")
     axis.set_title(title)
+    if means:
+        axis = figure.add_subplot(1, 2, 2)
+        for key, values in means.items():
+            positive = [(i, v) for i, v in enumerate(values or []) if v is not None and v > 0]
+            if positive:  # a log axis cannot show 0: empty or all-zero buckets are left out
+                label, color, _ = styles[key]
+                axis.plot([i for i, _ in positive], [v for _, v in positive], marker="o", color=color, label=label)
+        axis.set_yscale("log")
+        axis.set_xticks(range(num_buckets))
+        axis.set_xlabel("D_t bucket (highest first)")
+        axis.set_ylabel("mean D_t in the bucket (log scale)")
+        axis.set_title("absolute level: wrong vs right")
+        axis.grid(alpha=0.3, which="both")
+        if axis.lines:
+            axis.legend()
     return figure
 
 
@@ -203,7 +222,9 @@ def write_figures(run_dir: str, out_dir: str) -> list[str]:
     if reports:
         latest = reports[-1]
         shares = {k: v["shares"] for k, v in latest["buckets"].items()}
-        written.append(_save(bucket_figure(shares, f"self-localization, step {latest['step']}"), out_dir,
+        means = {k: v.get("means") for k, v in latest["buckets"].items()}  # data.json of older runs has no means
+        written.append(_save(bucket_figure(shares, f"self-localization, step {latest['step']}",
+                                           means if any(means.values()) else None), out_dir,
                              "self_localization_buckets"))
         written.append(_save(bucket_evolution_figure(reports), out_dir, "self_localization_over_training"))
     return written

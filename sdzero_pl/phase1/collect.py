@@ -52,7 +52,8 @@ class TraceCollector:
     def __init__(self, rollout: RolloutBackend, reward: Verifier, *, phrases: dict[int, str], instruction: str = "",
                  system_prompt: str | None = None, inits_per_question: int = 1, revisions_per_init: int = 3,
                  revise_correct: bool = True, revise_wrong: bool = True, keep_incorrect: bool = False,
-                 target_traces: int | None = None, questions_per_chunk: int = 64, seed: int = 0) -> None:
+                 target_traces: int | None = None, questions_per_chunk: int = 64, seed: int = 0,
+                 template_kwargs: dict | None = None) -> None:
         if not (revise_correct or revise_wrong):
             raise ValueError("`revise_correct` and `revise_wrong` are both off: no revision would be sampled")
         for flag, value in (("inits_per_question", inits_per_question), ("revisions_per_init", revisions_per_init),
@@ -64,7 +65,7 @@ class TraceCollector:
         self.rollout, self.reward, self.phrases = rollout, reward, phrases
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.stop_ids: list[int] = []
-        self.instruction, self.system_prompt = instruction, system_prompt
+        self.instruction, self.system_prompt, self.template_kwargs = instruction, system_prompt, template_kwargs
         self.inits, self.revisions = inits_per_question, revisions_per_init
         self.branches = {1: revise_correct, 0: revise_wrong}
         self.keep_incorrect, self.target_traces = keep_incorrect, target_traces
@@ -86,7 +87,8 @@ class TraceCollector:
             revisions_per_init=self.revisions, revise_correct=self.branches[1], revise_wrong=self.branches[0],
             keep_incorrect=self.keep_incorrect, target_traces=self.target_traces,
             control={"1": self.phrases[1], "0": self.phrases[0]}, instruction=self.instruction,
-            system_prompt=self.system_prompt, **(extra or {}))
+            system_prompt=self.system_prompt,
+            **({"chat_template_kwargs": self.template_kwargs} if self.template_kwargs else {}), **(extra or {}))
 
     def stop_reason(self, totals: dict[str, int]) -> str | None:
         reached = self.target_traces is not None and totals["kept"] >= self.target_traces
@@ -107,7 +109,8 @@ class TraceCollector:
     def collect_chunk(self, chunk: int, questions: Sequence[Question], first: int, source: str) -> list[dict]:
         """Steps 1-4 of docs/method.md, "Phase 1" for one chunk; returns its trace, question and chunk lines."""
         tok, c = self.tokenizer, _Chunk(chunk, questions, first)
-        c.prompts = [render_prompt(tok, q.question + self.instruction, self.system_prompt) for q in questions]
+        c.prompts = [render_prompt(tok, q.question + self.instruction, self.system_prompt, self.template_kwargs)
+                     for q in questions]
         c.prompt_ids = [tok.encode(p, add_special_tokens=False) for p in c.prompts]
         c.owners = [i for i in range(len(questions)) for _ in range(self.inits)]  # init j answers question owners[j]
         # 1. sample the inits from chat(x); 2. verify them

@@ -35,7 +35,9 @@ from sdzero_pl.contracts import PolicyModule
 from sdzero_pl.core.budget import BudgetLedger
 from sdzero_pl.core.optim import total_optimizer_steps
 from sdzero_pl.core.prompts import ControlPhrases
-from sdzero_pl.data.batching import require_reload_every_epoch, split_steps, step_totals
+from sdzero_pl.data.batching import (
+    PAD, Batching, MicroBatcher, planned_padding, require_reload_every_epoch, split_steps, step_totals
+)
 from sdzero_pl.data.questions import DataError, Question, QuestionSource
 from sdzero_pl.data.records import CollectionPaths, collect_with_policy, read_trace_file
 from sdzero_pl.phase1.clean import clean_traces
@@ -71,9 +73,11 @@ class SFTPlan:
     epoch: the one step planner of every SFT-style data module (Phase 1 and RFT)."""
 
     def __init__(self, stages: list[list[SRTExample]], batch_size: int, shuffle: bool, seed: int,
-                 stage1_epochs: int = 0) -> None:
+                 stage1_epochs: int = 0, batching: Batching = Batching()) -> None:
         self.stages, self.batch_size, self.shuffle, self.seed = stages, batch_size, shuffle, seed
         self.stage1_epochs = stage1_epochs
+        self.batcher = MicroBatcher(batching)
+        self.epoch_stats: dict[str, float] = {}  # the latest epoch's batching metrics
         self._epoch: tuple[int, DataLoader] | None = None
 
     def stage_of_epoch(self, epoch: int) -> int:
@@ -81,7 +85,7 @@ class SFTPlan:
 
     def stage_steps(self, trainer) -> list[int]:
         """Optimizer steps of each stage over the whole fit (the LR schedule's lengths)."""
-        world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        world, accumulate = trainer.world_size, self.batcher.accumulation(trainer)
         per_epoch = [math.ceil(math.ceil(math.ceil(len(s) / world) / self.batch_size) / accumulate)
                      for s in self.stages]
         if len(per_epoch) == 1:
@@ -107,12 +111,22 @@ class SFTPlan:
         order = list(range(len(examples)))
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        order += [-1] * (-len(order) % world)  # equal shares: padding slots carry no target
-        steps = split_steps(order[rank::world], self.batch_size, trainer.accumulate_grad_batches)
-        counts = [(sum(examples[i].num_revision_tokens for mb in step for i in mb if i >= 0),
-                   sum(examples[i].num_generation_tokens for mb in step for i in mb if i >= 0)) for step in steps]
+        order += [PAD] * (-len(order) % world)  # equal shares: padding slots carry no target
+        steps = split_steps(order[rank::world], self.batch_size, self.batcher.accumulation(trainer))
+        lengths = [len(e.ids) for e in examples]
+        plan = self.batcher.plan(trainer, steps, lengths)
+        counts = [(sum(examples[i].num_revision_tokens for mb in step for i in mb if i != PAD),
+                   sum(examples[i].num_generation_tokens for mb in step for i in mb if i != PAD)) for step in plan.steps]
         totals = step_totals(trainer.strategy, counts)
-        return [(mb, rev, gen) for step, (rev, gen) in zip(steps, totals) for mb in step]
+        self.epoch_stats = {
+            "train/padding_frac": planned_padding(plan.steps, lengths, lengths[0] if lengths else 0),
+            "train/micro_batches_per_step": float(plan.micro_batches_per_step or self.batcher.accumulate),
+            "train/over_budget": float(plan.over_budget)}
+        return [(mb, rev, gen) for step, (rev, gen) in zip(plan.steps, totals) for mb in step]
+
+    def release(self, trainer) -> None:
+        """The end of the fit: the trainer gets its own accumulation back."""
+        self.batcher.release(trainer)
 
 
 # ------------------------------------------------------------------------------------------ the data module
@@ -143,6 +157,7 @@ class TraceDataModule(L.LightningDataModule):
         stage2_size: int = 1000,
         stage1_epochs: int = 3,
         batch_size: int = 1,
+        batching: Batching = Batching(),
         max_length: int = 32768,
         shuffle_examples: bool = True,
         show_progress: bool = True,
@@ -175,7 +190,9 @@ class TraceDataModule(L.LightningDataModule):
                 Table 11) or "two_stage" (reference code: generation stage, then revision stage).
             stage2_size: traces of the revision stage in "two_stage" (reference code: 1000).
             stage1_epochs: epochs of the generation stage in "two_stage"; the other ``max_epochs`` are stage 2.
-            batch_size: sequences per micro-batch on each rank.
+            batch_size: sequences per micro-batch on each rank ("count" batching); an optimizer step takes
+                ``batch_size x accumulate_grad_batches`` sequences per rank in either batching mode.
+            batching: how a step's sequences are cut into micro-batches: fixed count, or by tokens (length-aware).
             max_length: longest training sequence in tokens; longer ones are cut on the right (and counted).
             shuffle_examples: reshuffle the training examples every epoch (seeded by ``seed`` and the epoch).
             show_progress: progress bar over the collected questions (kept traces, acceptance rate).
@@ -194,13 +211,16 @@ class TraceDataModule(L.LightningDataModule):
             raise ValueError("`--data.questions.num_questions` is 0 and no `--data.extra_traces_file` is given: "
                              "no traces")
         self.save_hyperparameters(ignore=["rollout", "reward"])
-        self.hparams.update(questions=asdict(questions), control=asdict(control))  # plain types in checkpoints
+        self.batching = Batching.of(batching)
+        self.hparams.update(questions=asdict(questions), control=asdict(control),  # plain types in checkpoints
+                            batching=asdict(self.batching))
         self.source, self.control = questions, control
         self.rollout = rollout or HFRollout()
         self.reward = reward or MathReward()
         self.collector = TraceCollector(  # checks its settings now; bound to the model's tokenizer at connect()
             self.rollout, self.reward, phrases=control.phrases, instruction=questions.instruction,
-            system_prompt=questions.system_prompt, inits_per_question=inits_per_question,
+            system_prompt=questions.system_prompt, template_kwargs=questions.chat_template_kwargs,
+            inits_per_question=inits_per_question,
             revisions_per_init=revisions_per_init, revise_correct=revise_correct, revise_wrong=revise_wrong,
             keep_incorrect=keep_incorrect, target_traces=target_traces, questions_per_chunk=questions_per_chunk,
             seed=seed)
@@ -264,7 +284,7 @@ class TraceDataModule(L.LightningDataModule):
                            "be the base model")
         examples = [encode_trace(module.tokenizer, t, hp.max_length) for t in cleaned]
         stages = objective_stages(examples, hp.objective, hp.stage2_size, hp.seed) if examples else [[]]
-        self.plan = SFTPlan(stages, hp.batch_size, hp.shuffle_examples, hp.seed, hp.stage1_epochs)
+        self.plan = SFTPlan(stages, hp.batch_size, hp.shuffle_examples, hp.seed, hp.stage1_epochs, self.batching)
         self.stats = {f"data/{k}": float(v) for k, v in {**trace_stats(cleaned), **cleaning}.items()}
         self.stats["data/truncated"] = float(sum(e.truncated for e in examples))
         self.stats.update({f"budget/phase1_{k}": float(v) for k, v in self._budget().items()})
@@ -283,7 +303,13 @@ class TraceDataModule(L.LightningDataModule):
         return self.plan.stage_steps(trainer)
 
     def train_dataloader(self) -> DataLoader:
-        return self.plan.dataloader(self.trainer, self.pad_id)
+        loader = self.plan.dataloader(self.trainer, self.pad_id)
+        self.stats.update(self.plan.epoch_stats)  # logged by the module at the epoch's start
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        if self.plan is not None and self.trainer is not None and stage == "fit":
+            self.plan.release(self.trainer)
 
     def handoff(self) -> Handoff:
         """What Phase 2 must match: these control phrases, instruction and system prompt, and these questions."""

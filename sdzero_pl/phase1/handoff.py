@@ -1,7 +1,7 @@
 """The Phase 1 -> Phase 2 hand-off: one file next to the SRT model recording what Phase 2 must match.
 
-Phase 2 starts from the Phase-1 export and must show the reviser the SAME control phrases, instruction and system
-prompt that Phase 1 trained it on, and must not train on Phase 1's questions (docs/method.md, "Phase 2"). The
+Phase 2 starts from the Phase-1 export and must show the reviser the SAME control phrases, instruction, system
+prompt and chat-template arguments that Phase 1 trained it on, and must not train on Phase 1's questions (docs/method.md, "Phase 2"). The
 Phase-1 export writes ``sdzero_handoff.json`` (:func:`write_handoff`); the Phase-2 data module reads it from its
 start model (:func:`read_handoff`), excludes those questions when it reads the same dataset, and refuses a mismatch
 with an error that names the flag and both values (:func:`check_handoff`).
@@ -30,13 +30,14 @@ class Handoff:
     system_prompt: str | None
     question_ids: list[str] = field(default_factory=list)  # the questions Phase 1 processed
     budget: dict[str, int] = field(default_factory=dict)  # Phase 1's generations and tokens
+    chat_template_kwargs: dict | None = None  # how x was rendered (e.g. {"enable_thinking": false}); older: None
 
     @classmethod
     def of(cls, source: QuestionSource, control: ControlPhrases, question_ids: list[str],
            budget: dict[str, int]) -> Handoff:
         phrases = control.phrases
         return cls(source.name, control.preset, {"1": phrases[1], "0": phrases[0]}, source.instruction,
-                   source.system_prompt, list(question_ids), dict(budget))
+                   source.system_prompt, list(question_ids), dict(budget), source.chat_template_kwargs)
 
 
 def write_handoff(directory: str | os.PathLike, handoff: Handoff) -> Path:
@@ -76,7 +77,8 @@ def check_handoff(handoff: Handoff, source: QuestionSource, control: ControlPhra
                     f"{control.preset}` (P_{reward} = {phrases[int(reward)]!r}): set `--data.control.preset="
                     f"{handoff.control_preset}` or `{flag}`{hint}")
     for flag, theirs, ours in (("instruction", handoff.instruction, source.instruction),
-                               ("system_prompt", handoff.system_prompt, source.system_prompt)):
+                               ("system_prompt", handoff.system_prompt, source.system_prompt),
+                               ("chat_template_kwargs", handoff.chat_template_kwargs, source.chat_template_kwargs)):
         if theirs != ours:
             raise ValueError(f"{where} was trained by Phase 1 with `--data.questions.{flag}={theirs!r}`; Phase 2 "
                              f"has {ours!r}: use the same{hint}")

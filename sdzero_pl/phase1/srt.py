@@ -31,12 +31,14 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sdzero_pl.contracts import SFTData, connect
+from sdzero_pl.core.artifacts import use_atomic_checkpoints
+from sdzero_pl.core.guard import guard_callbacks
 from sdzero_pl.core.losses import normalised_sum, token_logps
 from sdzero_pl.core.models import (
-    check_dtypes, export_hf, export_path, hidden_states, load_policy, load_tokenizer, output_weight
+    EXPORT_KEY, check_dtypes, export_hf, export_path, hidden_states, load_policy, load_tokenizer, output_weight
 )
 from sdzero_pl.core.optim import OptimArgs, build_optimizer
 from sdzero_pl.core.prompts import SEPARATOR
@@ -198,6 +200,7 @@ class SelfReviseSFTModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.data: SFTData | None = None
         self._stage: int | None = None
+        self.resumed_export: str | None = None  # where the run this one resumes exports (from its checkpoint)
 
     @property
     def start_model(self) -> str:
@@ -206,6 +209,16 @@ class SelfReviseSFTModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":  # the data module prepares its examples (collecting them first) with this module
             self.data = connect(self, self.trainer.datamodule, SFTData)
+            use_atomic_checkpoints(self.trainer)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return guard_callbacks(self)  # non-finite loss / gradients / weights stop training, nothing is exported
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[EXPORT_KEY] = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.resumed_export = checkpoint.get(EXPORT_KEY)
 
     def configure_model(self) -> None:
         """Load the model once (the data module calls this early: the traces are sampled before training)."""
@@ -241,12 +254,14 @@ class SelfReviseSFTModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Save the SRT model as a standard HF directory (also when there was nothing to train on), with its sample
         budget and the hand-off record Phase 2 checks."""
-        path = export_path(self.trainer, self.hparams.export_dir)
+        path = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
         if self.trainer.is_global_zero:
-            export_hf(self.policy, self.tokenizer, path, dtype=self.hparams.export_dtype,
-                      budget=self.data.paths().budget)
+            budget = self.data.paths().budget
+            if not budget.is_file():  # e.g. trained on --data.extra_traces_file only: nothing was sampled here
+                rank_zero_warn(f"{budget} does not exist: the export carries no budget.json")
             handoff = self.data.handoff()
-            if handoff is not None:
-                write_handoff(path, handoff)
+            export_hf(self.policy, self.tokenizer, path, dtype=self.hparams.export_dtype,
+                      budget=budget if budget.is_file() else None,
+                      extra=None if handoff is None else lambda directory: write_handoff(directory, handoff))
             rank_zero_info(f"SFT model saved as a Hugging Face model in {path}")
         self.trainer.strategy.barrier("export")

@@ -9,6 +9,9 @@ Per optimizer step (the batch is built by :class:`~sdzero_pl.phase2.OnPolicyData
 5. token mean over every valid token of the global batch.
 
 Default divergence is the reference code's "mixed" (0.5 forward + 0.5 reverse); the paper's Eq. 4 is "reverse".
+Drift monitor: every ``drift_every_n_steps`` optimizer steps ``student/topk_mass`` logs the student's full-vocab
+probability mass on the teacher's top-k (the renormalised loss cannot see mass the student moves outside it), next
+to ``teacher/topk_mass``; ``tail=True`` adds a (k+1)-th "rest" bucket to both distributions (off: the paper).
 At the end of ``fit`` the student is saved as a standard HF directory (model + tokenizer).
 
 Strategies by flag: DDP as is; ``--trainer.strategy=fsdp`` (FSDP1) and ModelParallelStrategy (FSDP2) shard each
@@ -23,17 +26,23 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sdzero_pl.contracts import RolloutData, connect
+from sdzero_pl.core.artifacts import use_atomic_checkpoints
 from sdzero_pl.core.budget import BudgetLedger
-from sdzero_pl.core.losses import check_divergence, gathered_logits, normalised_sum, teacher_topk, topk_divergence
+from sdzero_pl.core.guard import guard_callbacks
+from sdzero_pl.core.losses import (
+    DIVERGENCES, full_logsumexp, gathered_logits, normalised_sum, teacher_topk, topk_divergence
+)
 from sdzero_pl.core.models import (
-    check_dtypes, export_hf, export_path, hidden_states, load_model, load_policy, load_tokenizer, output_weight
+    EXPORT_KEY, check_dtypes, check_model_source, export_hf, export_path, hidden_states, load_model, load_policy,
+    load_tokenizer, output_weight
 )
 from sdzero_pl.core.optim import OptimArgs, optimizer_for
 from sdzero_pl.core.sequences import select_targets
 from sdzero_pl.core.sharding import gather_state_dict, shard_fsdp2, wrap_fsdp1
+from sdzero_pl.phase1.handoff import read_handoff
 
 PHASE2_OPTIM = OptimArgs(lr=5e-6, warmup_steps=20)
 
@@ -50,6 +59,8 @@ class SelfDistillModule(L.LightningModule):
         divergence: str = "mixed",
         forward_weight: float = 0.5,
         chunk_size: int = 512,
+        tail: bool = False,
+        drift_every_n_steps: int = 10,
         optim: OptimArgs = PHASE2_OPTIM,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
@@ -63,8 +74,15 @@ class SelfDistillModule(L.LightningModule):
             divergence: "reverse" (paper Eq. 4), "forward" or "mixed" (reference code default).
             forward_weight: weight w of the forward KL in "mixed": w * forward + (1 - w) * reverse.
             chunk_size: tokens per chunk when computing teacher top-k and student logits (memory bound).
-            optim: AdamW and its schedule (paper's launch script: lr 5e-6; reference code: 20 warm-up steps, then
-                constant).
+            tail: compare k + 1 buckets, the k full-vocab probabilities and a "rest" bucket (1 - mass on the top-k),
+                for both distributions, so mass the student moves outside the teacher's top-k costs loss (needs
+                the student's full-vocab normaliser with gradient: one more chunked LM-head pass). Off: the paper's
+                renormalised top-k.
+            drift_every_n_steps: log ``student/topk_mass``, the student's full-vocab mass on the teacher's top-k,
+                every N optimizer steps (a no-grad chunked LM-head pass over the step's tokens); 0 = never. With
+                ``tail`` it is free and logged every step.
+            optim: AdamW and its schedule (paper's launch script: lr 5e-6; reference code: 20 warm-up steps from
+                0.1 x lr, then constant, weight decay 0.01: ``warmup_start: 0.1, weight_decay: 0.01``).
             gradient_checkpointing: recompute the student's activations in backward to save memory.
             export_dir: where the final HF model goes; default ``<default_root_dir>/hf_model``.
         """
@@ -73,8 +91,15 @@ class SelfDistillModule(L.LightningModule):
             raise ValueError(f"`--model.top_k` must be >= 1, got {top_k}")
         if chunk_size < 1:
             raise ValueError(f"`--model.chunk_size` must be >= 1, got {chunk_size}")
-        check_divergence(divergence, forward_weight)
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"`--model.divergence` must be one of {DIVERGENCES}, got {divergence!r}")
+        if not 0.0 <= forward_weight <= 1.0:
+            raise ValueError(f"`--model.forward_weight` must be in [0, 1], got {forward_weight}")
+        if drift_every_n_steps < 0:
+            raise ValueError(f"`--model.drift_every_n_steps` must be >= 0, got {drift_every_n_steps}")
         check_dtypes(dtype)
+        if teacher_name_or_path:
+            check_model_source(teacher_name_or_path, "--model.teacher_name_or_path")
         self.save_hyperparameters()
         self.optim = OptimArgs.hold(self, optim)
         self.chunk_size = chunk_size
@@ -84,6 +109,7 @@ class SelfDistillModule(L.LightningModule):
         self.sharding: str | None = None  # None (single device / DDP), "fsdp1" or "fsdp2"
         self.budget = {"generations": 0, "tokens": 0}  # Phase-2 rollouts generated so far, all ranks
         self.data: RolloutData | None = None
+        self.resumed_export: str | None = None  # where the run this one resumes exports (from its checkpoint)
 
     @property
     def start_model(self) -> str:
@@ -92,6 +118,19 @@ class SelfDistillModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":  # the data module samples from this module's student and checks its hand-off record
             self.data = connect(self, self.trainer.datamodule, RolloutData)
+            use_atomic_checkpoints(self.trainer)
+            if self._start_budget() is None:  # reported, not skipped: the export's budget.json will lack Phase 1
+                report = rank_zero_warn if read_handoff(self.start_model) is not None else rank_zero_info
+                report(f"`--model.model_name_or_path` {self.start_model!r} has no budget.json: the exported "
+                       "budget.json counts Phase 2's rollouts only")
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return guard_callbacks(self)  # non-finite loss / gradients / weights stop training, nothing is exported
+
+    def _start_budget(self) -> str | None:
+        """The sample ledger of the student's start model (the Phase-1 generations that made it), if it has one."""
+        path = os.path.join(self.start_model, "budget.json")
+        return path if os.path.isfile(path) else None
 
     # ------------------------------------------------------------------------------------------------ models
     def configure_model(self) -> None:
@@ -100,7 +139,7 @@ class SelfDistillModule(L.LightningModule):
         hp = self.hparams
         self.policy = load_policy(hp.model_name_or_path, hp.dtype, hp.gradient_checkpointing)
         if hp.teacher_name_or_path:
-            self.teacher = load_model(hp.teacher_name_or_path, hp.dtype)
+            self.teacher = load_model(hp.teacher_name_or_path, hp.dtype, flag="--model.teacher_name_or_path")
         else:
             self.teacher = copy.deepcopy(self.policy)
         self.teacher.eval()
@@ -167,11 +206,15 @@ class SelfDistillModule(L.LightningModule):
         teacher_s = time.perf_counter() - start
 
         start = time.perf_counter()  # 4. the student scores y at the teacher's top-k ids
-        student_logits = self.score(
+        every = hp.drift_every_n_steps
+        normaliser = "grad" if hp.tail else ("metric" if every and self.global_step % every == 0 else None)
+        student_logits, student_lse = self.score(
             "policy", self._student_logits, batch["student_ids"], batch["student_attention_mask"],
-            batch["student_mask"], topk_ids, hp.chunk_size,
-        )  # (N, k)
-        terms = topk_divergence(student_logits, teacher_logits, hp.divergence, hp.forward_weight)
+            batch["student_mask"], topk_ids, hp.chunk_size, normaliser,
+        )  # (N, k), (N,) or None
+        student_log_mass = None if student_lse is None else student_logits.logsumexp(-1) - student_lse  # (N,)
+        tail = dict(student_log_mass=student_log_mass, teacher_log_mass=topk_mass.log()) if hp.tail else {}
+        terms = topk_divergence(student_logits, teacher_logits, hp.divergence, hp.forward_weight, **tail)
         loss = normalised_sum(  # 5. token mean over the global batch
             terms["loss"], int(batch["global_tokens"]), self.trainer.accumulate_grad_batches, self.trainer.world_size
         )
@@ -185,6 +228,8 @@ class SelfDistillModule(L.LightningModule):
             "teacher/topk_mass": topk_mass.sum() / n,
             "tokens": torch.tensor(float(topk_ids.shape[0])),
         }
+        if student_log_mass is not None:  # the drift monitor
+            metrics["student/topk_mass"] = student_log_mass.detach().exp().sum() / n
         return loss, metrics, {"time/teacher_s": teacher_s, "time/student_s": student_s}
 
     @classmethod
@@ -193,9 +238,18 @@ class SelfDistillModule(L.LightningModule):
         return teacher_topk(teacher_h, output_weight(model), top_k, chunk_size)
 
     @classmethod
-    def _student_logits(cls, model, ids, attention_mask, mask, topk_ids, chunk_size: int):
+    def _student_logits(cls, model, ids, attention_mask, mask, topk_ids, chunk_size: int, normaliser: str | None):
+        """The student's logits at the top-k ids and, if asked, its full-vocab normaliser: with gradient ("grad",
+        the tail term) or without ("metric", the drift monitor only)."""
         student_h, _ = select_targets(hidden_states(model, ids, attention_mask), ids, mask)  # (N, H)
-        return gathered_logits(student_h, output_weight(model), topk_ids, chunk_size)
+        weight = output_weight(model)
+        logits = gathered_logits(student_h, weight, topk_ids, chunk_size)  # (N, k)
+        if normaliser == "grad":
+            return logits, full_logsumexp(student_h, weight, chunk_size)
+        if normaliser == "metric":
+            with torch.no_grad():
+                return logits, full_logsumexp(student_h.detach(), weight.detach(), chunk_size)
+        return logits, None
 
     def on_train_epoch_start(self) -> None:
         stats = self.data.rollout_stats  # this epoch's rollouts, generated just before this hook
@@ -212,9 +266,11 @@ class SelfDistillModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["sdzero_budget"] = dict(self.budget)  # a resumed run keeps counting from here
+        checkpoint[EXPORT_KEY] = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.budget = dict(checkpoint.get("sdzero_budget", {"generations": 0, "tokens": 0}))
+        self.resumed_export = checkpoint.get(EXPORT_KEY)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if self.sharding == "fsdp1" and gradient_clip_val:  # Lightning's FSDP1 plugin cannot clip by norm itself
@@ -231,15 +287,19 @@ class SelfDistillModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- export
     def on_train_end(self) -> None:
-        path = export_path(self.trainer, self.hparams.export_dir)
+        path = export_path(self.trainer, self.hparams.export_dir, self.resumed_export)
         # sharded: full tensors gathered one at a time, kept on rank 0 only (no second full copy on other ranks)
         state = gather_state_dict(self.policy) if self.sharding else None
         if self.trainer.is_global_zero:
-            export_hf(self.policy, self.tokenizer, path, state_dict=state)
-            ledger = BudgetLedger(os.path.join(path, "budget.json"))
-            start_budget = os.path.join(self.hparams.model_name_or_path, "budget.json")
-            if os.path.isfile(start_budget):  # the Phase-1 generations that made the student's start
-                ledger.merge(start_budget)
-            ledger.set("phase2/rollout", self.budget["generations"], self.budget["tokens"])
-            rank_zero_info(f"student saved as a Hugging Face model in {path}; sample budget: {ledger.summary()}")
+            summary = []
+
+            def write_budget(directory) -> None:  # inside the export, before it is published
+                ledger = BudgetLedger(os.path.join(directory, "budget.json"))
+                if self._start_budget() is not None:  # the Phase-1 generations that made the student's start
+                    ledger.merge(self._start_budget())
+                ledger.set("phase2/rollout", self.budget["generations"], self.budget["tokens"])
+                summary.append(ledger.summary())
+
+            export_hf(self.policy, self.tokenizer, path, state_dict=state, extra=write_budget)
+            rank_zero_info(f"student saved as a Hugging Face model in {path}; sample budget: {summary[0]}")
         self.trainer.strategy.barrier("export")

@@ -7,7 +7,9 @@ questions with its own seed stream; the data of one epoch is generated once, how
 the dataloader (``estimated_stepping_batches``, sanity checks, reloads).
 
 Each micro-batch carries ``global_tokens``: the number of valid y tokens in its whole optimizer step (all its
-micro-batches, all ranks), so the loss is the token mean of the global batch however the batch is split.
+micro-batches, all ranks), so the loss is the token mean of the global batch however the batch is split; with
+``batching.mode="tokens"`` each step's rollouts are cut by length into micro-batches of at most ``max_tokens``
+padded tokens (:mod:`sdzero_pl.data.batching`), the same update with far less padding on long-tailed rollouts.
 
 Right before generating, :class:`~sdzero_pl.rollout.RolloutCallback` s run ``on_before_rollout`` (the vLLM weight
 refresh pushes the student's weights there: Lightning builds the dataloader BEFORE ``on_train_epoch_start``).
@@ -30,6 +32,7 @@ Baselines and controls on the same loop (everything else, the loss included, sta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -45,7 +48,10 @@ from torch.utils.data import DataLoader
 from sdzero_pl.contracts import DistillPolicy, require
 from sdzero_pl.core.prompts import ControlPhrases, control_text, encode_prompts, stop_token_ids
 from sdzero_pl.core.sequences import DistillExample, build_distill_example, build_prefixed_example, collate_distill
-from sdzero_pl.data.batching import RankShard, require_reload_every_epoch, split_steps, step_totals
+from sdzero_pl.data.batching import (
+    PAD, Batching, MicroBatcher, RankShard, check_question_pool, padding_fraction, planned_epochs,
+    require_reload_every_epoch, split_steps, step_totals
+)
 from sdzero_pl.data.questions import Question, QuestionSource, epoch_questions
 from sdzero_pl.phase1.handoff import check_handoff, read_handoff
 from sdzero_pl.rollout import HFRollout, RolloutBackend, before_rollout, rollout_seed
@@ -136,6 +142,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         control: ControlPhrases = ControlPhrases(),
         prompts_per_epoch: int = 128,
         batch_size: int = 8,
+        batching: Batching = Batching(),
         max_teacher_len: int = 8192,
         rollout: RolloutBackend | None = None,
         reward: Verifier | None = None,
@@ -145,6 +152,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         demonstration_template: str = DEMONSTRATION_TEMPLATE,
         reward_signal: str = "verified",
         ignore_handoff: bool = False,
+        reuse_questions: bool = False,
     ) -> None:
         """
         Args:
@@ -152,7 +160,9 @@ class OnPolicyDataModule(L.LightningDataModule):
                 the student's start model is a Phase-1 export, the questions Phase 1 used are left out.
             control: the control phrases P_r; must be Phase 1's (checked against the start model's hand-off).
             prompts_per_epoch: questions per epoch (all ranks together); one completion each.
-            batch_size: rollouts per micro-batch on each rank.
+            batch_size: rollouts per micro-batch on each rank ("count" batching); an optimizer step takes
+                ``batch_size x accumulate_grad_batches`` rollouts per rank in either batching mode.
+            batching: how a step's rollouts are cut into micro-batches: fixed count, or by tokens (length-aware).
             max_teacher_len: token budget of the teacher sequence (x + y + P_r + y, or x' + y for the other
                 ``teacher_context`` s); y is truncated to fit.
             rollout: the generation backend (``class_path``); default HF generate.
@@ -170,6 +180,9 @@ class OnPolicyDataModule(L.LightningDataModule):
                 permutation of the epoch's rewards on this rank; only with teacher_context "revision").
             ignore_handoff: do not check the start model's Phase-1 hand-off record (control phrases, instruction,
                 system prompt) and do not leave out its questions.
+            reuse_questions: let the run cycle through its question pool when it needs more questions
+                (``prompts_per_epoch`` x epochs) than the pool holds; false: that is an error at setup, with the
+                numbers (Phase 2 is meant to see new questions).
         """
         super().__init__()
         for flag, value, low in (("prompts_per_epoch", prompts_per_epoch, 1), ("batch_size", batch_size, 1),
@@ -179,7 +192,9 @@ class OnPolicyDataModule(L.LightningDataModule):
                 raise ValueError(f"`--data.{flag}` must be >= {low}, got {value}")
         check_teacher_context(teacher_context, demonstration_template, questions.solution_field, reward_signal)
         self.save_hyperparameters(ignore=["rollout", "reward"])
-        self.hparams.update(questions=asdict(questions), control=asdict(control))  # plain types in checkpoints
+        self.batcher = MicroBatcher(batching)
+        self.hparams.update(questions=asdict(questions), control=asdict(control),  # plain types in checkpoints
+                            batching=asdict(self.batcher.batching))
         self.source, self.control = questions, control
         self.rollout = rollout or HFRollout()
         self.reward = reward or MathReward()
@@ -196,6 +211,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         """Read and check the questions (before any model weights load)."""
         if self.trainer is not None and stage == "fit":
             require_reload_every_epoch(self.trainer, "on-policy training generates new rollouts")
+            self.batcher.accumulation(self.trainer)  # the user's, before any epoch's plan sets the trainer's
         if self.loaded is not None:
             return
         self.loaded = self.reward.load_questions(self.source)  # the verifier knows its kind of reference
@@ -207,24 +223,40 @@ class OnPolicyDataModule(L.LightningDataModule):
                                      f"{self.source.name}: question {q.id} has {type(q.answer).__name__} "
                                      f"{q.answer!r:.80}")
 
+    def teardown(self, stage: str) -> None:
+        if self.trainer is not None and stage == "fit":
+            self.batcher.release(self.trainer)
+
     def connect(self, module: DistillPolicy) -> None:
         """Bind the student's module; check its Phase-1 hand-off record and leave out Phase 1's questions."""
         self.module = require(module, DistillPolicy, type(self).__name__)
         handoff = None if self.hparams.ignore_handoff else read_handoff(module.start_model)
-        if handoff is None:
-            return
-        reads_control = self.hparams.teacher_context == "revision"
-        check_handoff(handoff, self.source, self.control if reads_control else None, module.start_model)
-        if handoff.dataset == self.source.name:
-            self.questions = self._pool(set(handoff.question_ids))
-            rank_zero_info(f"{self.source.name}: {len(handoff.question_ids)} questions used by Phase 1 "
-                           f"({module.start_model}) left out, {len(self.questions)} remain")
+        if handoff is not None:
+            reads_control = self.hparams.teacher_context == "revision"
+            check_handoff(handoff, self.source, self.control if reads_control else None, module.start_model)
+        phase1 = set(handoff.question_ids) if handoff is not None and handoff.dataset == self.source.name else set()
+        used = f"{len(phase1):,} used by Phase 1 ({module.start_model})" if phase1 else ""
+        if phase1:
+            self.questions = self._pool(phase1, used)
+            rank_zero_info(f"{self.source.name}: {len(phase1)} questions used by Phase 1 ({module.start_model}) "
+                           f"left out, {len(self.questions)} remain")
+        if self.trainer is not None:
+            steps = self.optimizer_steps_per_epoch(self.trainer.world_size, self.trainer.accumulate_grad_batches)
+            check_question_pool(len(self.questions), self.hparams.prompts_per_epoch,
+                                planned_epochs(self.trainer, steps), self.source.name, self._why(used),
+                                self.hparams.reuse_questions)
 
-    def _pool(self, exclude: set[str]) -> list[Question]:
+    def _why(self, also: str = "") -> str:
+        """Where the dataset's questions went (error messages)."""
+        src = self.source
+        excluded = f", exclude_ids_file={src.exclude_ids_file}" if src.exclude_ids_file else ""
+        return (f"{len(self.loaded):,} in the dataset; skip_first={src.skip_first}, skip_last={src.skip_last}, "
+                f"num_questions={src.num_questions}{excluded}" + (f"; {also} left out" if also else ""))
+
+    def _pool(self, exclude: set[str], also: str = "") -> list[Question]:
         pool = self.source.select(self.loaded, self.hparams.seed, exclude)
         if not pool:
-            raise ValueError(f"{self.source.name}: no questions left after skip_first={self.source.skip_first} "
-                             f"and {len(exclude)} exclusions")
+            raise ValueError(f"{self.source.name}: no questions left for this run ({self._why(also)})")
         return pool
 
     def epoch_questions(self, epoch: int) -> list[Question]:
@@ -253,7 +285,8 @@ class OnPolicyDataModule(L.LightningDataModule):
                              f"of ranks ({world})")
         tokenizer, stops = module.tokenizer, self.bind_rollout()
         questions = self.epoch_questions(epoch)[rank::world]
-        prompts = encode_prompts(tokenizer, [self.source.text(q) for q in questions], self.source.system_prompt)
+        prompts = encode_prompts(tokenizer, [self.source.text(q) for q in questions], self.source.system_prompt,
+                                 self.source.chat_template_kwargs)
         before_rollout(trainer, self.rollout, module.policy)  # e.g. the vLLM weight refresh
         start = time.perf_counter()
         rollouts = self.rollout.generate(prompts, seed=rollout_seed(hp.seed, epoch, rank),
@@ -270,7 +303,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             control_stats = {"rollout/control_agreement": control_agreement(verdict.rewards, controls)}
         else:
             examples = self._prefixed_examples(tokenizer, questions, prompts, rollouts)
-        batches = self._batches(examples, tokenizer.pad_token_id)
+        batches, batch_stats = self._batches(examples, tokenizer.pad_token_id)
         valid = [r for r in verdict.rewards if r is not None]
         stats = {
             "rollout/reward_mean": sum(valid) / max(len(valid), 1),
@@ -282,6 +315,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             "rollout/generations": float(len(rollouts)),
             "rollout/generated_tokens": float(sum(len(r.completion_ids) for r in rollouts)),
             "time/generate_s": generate_s,
+            **batch_stats,
             **control_stats,
             **self._staleness(prompts, rollouts, tokenizer.pad_token_id),
         }
@@ -309,7 +343,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         else:
             texts = [teacher_question(q, self.source.instruction, hp.teacher_context, hp.demonstration_template)
                      for q in questions]
-            prefixes = encode_prompts(tokenizer, texts, self.source.system_prompt)
+            prefixes = encode_prompts(tokenizer, texts, self.source.system_prompt, self.source.chat_template_kwargs)
         return [build_prefixed_example(prompt, prefix, rollout.completion_ids, hp.max_teacher_len)
                 for prompt, prefix, rollout in zip(prompts, prefixes, rollouts)]
 
@@ -332,13 +366,24 @@ class OnPolicyDataModule(L.LightningDataModule):
                                           self.module.chunk_size)
         return {"rollout/logprob_gap": logprob_gap([r.logps for r in rollouts[:n]], trainer_logps)}
 
-    def _batches(self, examples: list[DistillExample], pad_id: int) -> list[dict]:
-        steps = split_steps(examples, self.hparams.batch_size, self.trainer.accumulate_grad_batches)
-        totals = step_totals(self.trainer.strategy, [sum(e.num_tokens for mb in step for e in mb) for step in steps])
+    def _batches(self, examples: list[DistillExample], pad_id: int) -> tuple[list[dict], dict[str, float]]:
+        """This rank's micro-batches of the epoch, each with the valid-token count of its optimizer step over all
+        ranks; and the batching metrics."""
+        steps = split_steps(list(range(len(examples))), self.hparams.batch_size,
+                            self.batcher.accumulation(self.trainer))
+        plan = self.batcher.plan(self.trainer, steps, [max(len(e.student_ids), len(e.teacher_ids)) for e in examples])
+        totals = step_totals(self.trainer.strategy,
+                             [sum(examples[i].num_tokens for mb in step for i in mb if i != PAD) for step in plan.steps])
+        shortest = min(examples, key=lambda e: len(e.teacher_ids))  # a padding row: context only, no loss
+        padding = dataclasses.replace(shortest, student_mask=[0] * len(shortest.student_mask),
+                                      teacher_mask=[0] * len(shortest.teacher_mask))
         batches = []
-        for step, total in zip(steps, totals):
+        for step, total in zip(plan.steps, totals):
             for mb in step:
-                batch = collate_distill(mb, pad_id)
+                batch = collate_distill([examples[i] if i != PAD else padding for i in mb], pad_id)
                 batch["global_tokens"] = torch.tensor(int(total))
                 batches.append(batch)
-        return batches
+        stats = {"train/padding_frac": padding_fraction(batches, ("student_attention_mask", "teacher_attention_mask")),
+                 "train/micro_batches_per_step": float(plan.micro_batches_per_step or self.batcher.accumulate),
+                 "train/over_budget": float(plan.over_budget)}
+        return batches, stats

@@ -17,8 +17,9 @@ the control on phase2, the baselines on ``data/train.jsonl``, the union of both 
 the paper trains its baselines on questions of the same pool; each config's header gives its generation budget.
 
 Layout: ``<out>/seed<s>/<method>/`` (``hf_model``, logs, ``eval/heldout``), the same as the demo's for srt and
-sdzero; each step's output goes to ``<out>/seed<s>/<method>.log``. A finished step is reused (delete its folder to
-redo it), so an interrupted comparison continues where it stopped. ``--jobs N`` runs independent steps as N worker
+sdzero; each step's output goes to ``<out>/seed<s>/<method>.log``. A finished step (its directory complete:
+``is_complete``, the demo's check) is reused (delete its folder to redo it), so an interrupted comparison continues
+where it stopped. ``--jobs N`` runs independent steps as N worker
 processes (``python -m sdzero_pl.compare ... --only-step SEED:METHOD:KIND``); a failing step is reported with its
 log, the others go on, and the table is written once every step has succeeded.
 
@@ -44,6 +45,7 @@ from typing import Iterator, Sequence
 import torch
 
 from sdzero_pl.cli import main as cli
+from sdzero_pl.core.artifacts import atomic_write_json, atomic_write_text, is_complete
 from sdzero_pl.evaluation.stats import mean_std, paired_comparison, question_accuracy
 from sdzero_pl.evaluation.tables import comparison_table, json_safe
 from sdzero_pl.pipelines import demo
@@ -131,10 +133,9 @@ def sample_files(directory: Path) -> list[Path]:
 
 
 def finished(args: argparse.Namespace, step: Step) -> bool:
-    if step.kind == "train":
-        return demo._done(export_dir(args, step.seed, step.method))
-    directory = eval_dir(args, step.seed, step.method)
-    return (directory / "eval_val.json").exists() and bool(sample_files(directory))
+    """A step is finished when its output directory is complete (the one check the demo uses too)."""
+    return is_complete(export_dir(args, step.seed, step.method) if step.kind == "train"
+                       else eval_dir(args, step.seed, step.method))
 
 
 def demo_questions(out: Path) -> dict[str, Path]:
@@ -176,15 +177,13 @@ def train(args: argparse.Namespace, seed: int, method: str) -> None:
 
 def evaluate(args: argparse.Namespace, seed: int, method: str) -> None:
     directory = eval_dir(args, seed, method)
-    if not sample_files(directory):  # killed between the results and the samples: redo the evaluation whole
-        (directory / "eval_val.json").unlink(missing_ok=True)
     model = args.base if method == "base" else str(export_dir(args, seed, method))
     flags = [f"--model.num_samples={args.k}", f"--model.pass_k={sorted({1, args.k})}", "--model.save_samples=true",
              *args.eval_arg]
     if args.suite == "demo":  # <seed>/<method>/eval/heldout; generate-then-revise is the demo's, not this table's
         demo.evaluate(directory.parent.parent, directory.name, model, demo_questions(args.out)["heldout"], seed,
                       ["--model.revise=false", *flags])
-    elif not (directory / "eval_val.json").exists():
+    elif not is_complete(directory):
         cli(["validate", "--config", str(SUITES[args.suite].eval_config), f"--seed_everything={seed}",
              f"--model.model_name_or_path={model}", f"--model.results_dir={directory}", f"--model.seed={seed}",
              f"--trainer.default_root_dir={directory}", *flags])
@@ -385,8 +384,8 @@ def run(args: argparse.Namespace) -> dict | None:
         return None
     summary = collect(args)
     summary["table"] = comparison_table(summary)
-    (args.out / "comparison.md").write_text(summary["table"])
-    (args.out / "comparison.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+    atomic_write_text(args.out / "comparison.md", summary["table"])
+    atomic_write_json(args.out / "comparison.json", json_safe(summary))
     return summary
 
 

@@ -8,8 +8,10 @@
 4. held-out evaluation (avg@k, pass@k, generate-then-revise) of base, SRT and SD-Zero, ``configs/demo/eval.yaml``;
 5. prints and writes (``<out>/results.md`` / ``results.json``) the table with each phase's generation budget.
 
-Each step goes through the same LightningCLI as ``main.py``. A finished step is reused when the command runs
-again (delete its folder to redo it), so an interrupted demo continues where it stopped.
+Each step goes through the same LightningCLI as ``main.py`` and prints a banner saying what it does. A step is
+finished when its output directory is complete (:func:`~sdzero_pl.core.artifacts.is_complete`: its manifest,
+written last, lists every file); a finished step is reused when the command runs again (delete its folder to redo
+it), so an interrupted demo continues where it stopped and never reuses a half-written model or evaluation.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 
 from sdzero_pl.cli import main as cli
+from sdzero_pl.core.artifacts import atomic_write_json, atomic_write_text, is_complete
+from sdzero_pl.core.console import short_errors
 from sdzero_pl.tasks.arithmetic import generate_split, write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
@@ -42,8 +46,10 @@ def write_questions(out: Path, sizes: dict[str, int]) -> dict[str, Path]:
     return paths
 
 
-def _done(export: Path) -> bool:
-    return (export / "config.json").exists() and (export / "model.safetensors").exists()
+def banner(title: str, lines: list[str]) -> None:
+    """What the next step does, in words, before its logs start."""
+    rule = "=" * 100
+    print("\n".join(["", rule, f"  {title}", *(f"  {line}" for line in lines), rule]), flush=True)
 
 
 def fit(config: Path, run_dir: Path, model: str, seed: int, flags: list[str]) -> Path:
@@ -51,7 +57,9 @@ def fit(config: Path, run_dir: Path, model: str, seed: int, flags: list[str]) ->
     export already exists; returns the export directory. Every training step of the demo and of
     ``sdzero_pl.pipelines.compare`` goes through here."""
     export = run_dir / "hf_model"
-    if not _done(export):
+    if is_complete(export):
+        print(f"  finished before: reusing {export} (delete {run_dir} to train again)", flush=True)
+    else:
         cli(["fit", "--config", str(config), f"--seed_everything={seed}", f"--model.model_name_or_path={model}",
              f"--model.export_dir={export}", f"--trainer.default_root_dir={run_dir}", f"--data.seed={seed}", *flags])
     return export
@@ -59,20 +67,31 @@ def fit(config: Path, run_dir: Path, model: str, seed: int, flags: list[str]) ->
 
 def run_phase1(out: Path, base: str, questions: Path, seed: int, extra: list[str]) -> Path:
     run_dir = out / "srt"
+    banner("Phase 1 of 2: Self-Revision Training (SRT)", [
+        f"{base} answers each question of {questions} once, then revises its own answer 3 times after the control",
+        "phrase its reward picks; the verified revisions are kept and the model is fine-tuned on them",
+        f"(configs/demo/srt.yaml) -> {run_dir / 'hf_model'}"])
     return fit(CONFIGS / "srt.yaml", run_dir, base, seed,
                [f"--data.questions.dataset={questions}", f"--data.output_dir={run_dir / 'srt_data'}", *extra])
 
 
 def run_phase2(out: Path, srt: Path, questions: Path, seed: int, extra: list[str]) -> Path:
+    banner("Phase 2 of 2: SD-Zero, on-policy self-distillation", [
+        f"the SRT model answers new questions of {questions}; a frozen copy of it, shown the answer and the control",
+        "phrase its reward picks, re-scores the answer token by token, and the model is distilled towards that",
+        f"reviser (configs/demo/sdzero.yaml) -> {out / 'sdzero' / 'hf_model'}; self-localization under",
+        f"{out / 'sdzero'}/tensorboard/*/self_localization/ (responses.html: where the teacher disagrees)"])
     return fit(CONFIGS / "sdzero.yaml", out / "sdzero", str(srt), seed, [f"--data.questions.dataset={questions}", *extra])
 
 
 def evaluate(out: Path, name: str, model: str, heldout: Path, seed: int, extra: list[str]) -> dict:
-    """Held-out metrics of one model (reused from ``<out>/eval/<name>/eval_val.json`` when present)."""
+    """Held-out metrics of one model (reused from ``<out>/eval/<name>/`` when that evaluation is complete)."""
     results_dir = out / "eval" / name
     path = results_dir / "eval_val.json"
-    if not path.exists():
-        cli(["validate", "--config", str(CONFIGS / "eval.yaml"), f"--seed_everything={seed}",
+    if is_complete(results_dir):
+        print(f"  {name}: evaluated before, reusing {path}", flush=True)
+    else:
+        cli(["validate", "--config", str(CONFIGS / "eval.yaml"), f"--seed_everything={seed}", "--verbose=false",
              f"--model.model_name_or_path={model}", f"--model.results_dir={results_dir}", f"--model.seed={seed}",
              f"--trainer.default_root_dir={results_dir}", f"--data.benchmarks=[{heldout}]", *extra])
     return json.loads(path.read_text())["results"][heldout.stem]
@@ -82,6 +101,21 @@ def budget(export: Path) -> dict:
     """Generations and tokens the run that produced ``export`` used (its ``budget.json``), or {}."""
     path = export / "budget.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def legend(k: int, questions: int) -> str:
+    """What the final table's columns mean, for a reader who has not read the paper."""
+    return "\n".join([
+        f"- held-out avg@{k}: share of correct answers, {k} samples per question, on {questions} questions no model "
+        f"trained on; pass@{k}: share of questions with at least one correct sample.",
+        "- revised acc: accuracy after each answer is revised once in the same turn (answer + the control phrase "
+        "its reward picks + a second attempt; paper Table 9); correction rate: share of wrong answers that the "
+        "revision makes right.",
+        "- Both revision columns can go DOWN after a phase: Phase 2 trains the generator, not the reviser (the "
+        "same weights play both), a better generator leaves fewer and harder wrong answers to correct, and "
+        "revising a right answer can break it.",
+        "- generations: samples the model's training drew, cumulative (SD-Zero includes Phase 1's).",
+    ]) + "\n"
 
 
 def results_table(rows: dict[str, dict], budgets: dict[str, dict], k: int) -> str:
@@ -119,18 +153,27 @@ def run(args: argparse.Namespace) -> dict:
     sdzero = run_phase2(out, srt, questions["phase2"], args.seed, args.phase2_arg)
     eval_args = [f"--model.num_samples={args.k}", f"--model.pass_k=[1, {args.k}]", *args.eval_arg]
     models = {"base": args.base, "SRT (Phase 1)": str(srt), "SD-Zero (Phase 2)": str(sdzero)}
-    rows = {name: evaluate(out, key, model, questions["heldout"], args.seed, eval_args)
-            for (name, model), key in zip(models.items(), ("base", "srt", "sdzero"))}
+    rows = {}
+    for index, ((name, model), key) in enumerate(zip(models.items(), ("base", "srt", "sdzero"))):
+        banner(f"Evaluation {index + 1} of 3: {name} = {model}", [
+            f"{args.k} samples per held-out question ({questions['heldout']}), each then revised once "
+            f"(configs/demo/eval.yaml) -> {out / 'eval' / key}"])
+        rows[name] = evaluate(out, key, model, questions["heldout"], args.seed, eval_args)
     budgets = {"SRT (Phase 1)": budget(srt), "SD-Zero (Phase 2)": budget(sdzero)}
     table = results_table(rows, budgets, args.k)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"results": rows, "budgets": budgets}, indent=2))
-    return {"table": table, "results": rows, "budgets": budgets, "out": out}
+    notes = legend(args.k, sum(1 for line in questions["heldout"].read_text().splitlines() if line.strip()))
+    atomic_write_text(out / "results.md", f"{table}\n{notes}")
+    atomic_write_json(out / "results.json", {"results": rows, "budgets": budgets})
+    return {"table": table, "legend": notes, "results": rows, "budgets": budgets, "out": out}
 
 
 def main(argv: list[str] | None = None) -> int:
-    summary = run(build_parser().parse_args(argv))
-    print(f"\nSD-Zero demo, held-out arithmetic ({summary['out']}):\n\n{summary['table']}")
+    with short_errors() as failure:
+        summary = run(build_parser().parse_args(argv))
+    if failure.code:
+        return failure.code
+    print(f"\nSD-Zero demo, held-out arithmetic ({summary['out']}), one row per model:\n\n{summary['table']}\n"
+          f"{summary['legend']}")
     return 0
 
 

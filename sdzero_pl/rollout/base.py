@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import lightning as L
 import torch
@@ -47,9 +47,12 @@ class RolloutBackend(ABC):
 
     @abstractmethod
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], seed: int, desc: str = "generate", max_new_tokens: int | None = None
+        self, prompt_ids: Sequence[Sequence[int]], seed: int, desc: str = "generate", max_new_tokens: int | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> list[Rollout]:
-        """One completion per prompt, sampled from the policy's current weights with this seed."""
+        """One completion per prompt, sampled from the policy's current weights with this seed. ``on_progress(n)``
+        is called as completions are ready (n = how many more), so a caller can show progress within a long
+        call (the evaluation's progress bar)."""
 
 
 def rollout_seed(seed: int, epoch: int, rank: int) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -45,7 +45,8 @@ class HFRollout(RolloutBackend):
 
     @torch.no_grad()
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], seed: int, desc: str = "generate", max_new_tokens: int | None = None
+        self, prompt_ids: Sequence[Sequence[int]], seed: int, desc: str = "generate", max_new_tokens: int | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> list[Rollout]:
         if self.policy is None:
             raise RuntimeError("HFRollout.generate called before setup()")
@@ -65,6 +66,8 @@ class HFRollout(RolloutBackend):
                     chunk = prompt_ids[start : start + self.batch_size]
                     rollouts.extend(self._generate_batch(policy, chunk, device, max_new_tokens or self.max_new_tokens))
                     bar.update(len(chunk))
+                    if on_progress is not None:
+                        on_progress(len(chunk))
         finally:
             bar.close()
             policy.train(was_training)

@@ -19,7 +19,7 @@ import hashlib
 import os
 import random
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -166,7 +166,8 @@ class VLLMRollout(RolloutBackend):
 
     # ----------------------------------------------------------------------------------------- sampling
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], seed: int, desc: str = "generate", max_new_tokens: int | None = None
+        self, prompt_ids: Sequence[Sequence[int]], seed: int, desc: str = "generate", max_new_tokens: int | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> list[Rollout]:
         vllm = import_vllm()
         llm = self._engine()
@@ -185,6 +186,8 @@ class VLLMRollout(RolloutBackend):
         outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params,
                                use_tqdm=self.show_progress and rank_zero)
         self._sleep()
+        if on_progress is not None:  # the engine schedules all requests at once: one report at the end
+            on_progress(len(outputs))
         return [self._rollout(output.outputs[0]) for output in outputs]
 
     def _sampling_params(self, vllm, prompt_len: int, limit: int, seed: int):

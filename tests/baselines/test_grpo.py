@@ -15,10 +15,11 @@ from sdzero_pl.baselines.grpo_data import GroupRolloutDataModule
 from sdzero_pl.core.models import load_tokenizer
 from sdzero_pl.core.optim import OptimArgs
 from sdzero_pl.core.prompts import encode_prompts
+from sdzero_pl.data.batching import Batching
 from sdzero_pl.data.questions import QuestionSource, load_questions
 from sdzero_pl.rollout import HFRollout
 from sdzero_pl.tasks import RewardBatch, Verifier
-from tests.helpers import DIGITS, CountingRollout, StartsWithDigit
+from tests.helpers import DIGITS, CountingRollout, LongTailRollout, StartsWithDigit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -52,8 +53,8 @@ class RatioProbe(L.Callback):
 
 def _fit(tmp_path, model_dir, questions, *, epochs, reward, rollout=None, callbacks=(), accumulate=1, module_kw=None,
          **data_kw):
-    module = GRPOModule(model_dir, dtype="float32", optim=OptimArgs(lr=1e-2), export_dir=str(tmp_path / "export"),
-                        **(module_kw or {}))
+    module_kw = {"dtype": "float32", **(module_kw or {})}
+    module = GRPOModule(model_dir, optim=OptimArgs(lr=1e-2), export_dir=str(tmp_path / "export"), **module_kw)
     data_kw = {"prompts_per_epoch": 8, "group_size": 8, "batch_size": 16, **data_kw}
     data = GroupRolloutDataModule(QuestionSource(questions, id_field="id", shuffle=True), reward=reward, output_dir=str(tmp_path / "grpo_data"),
                                   rollout=rollout or HFRollout(max_new_tokens=2, show_progress=False), **data_kw)
@@ -134,6 +135,21 @@ def test_ppo_epochs_repeat_the_rollouts_with_one_token_count_per_step(tmp_path, 
         assert all(int(batches[i]["global_tokens"]) == sum(tokens[j] for j in step) for i in step)
     assert trainer.global_step == 3
     assert torch.equal(batches[0]["old_logps"], batches[4]["old_logps"]), "the second pass reuses the old log-probs"
+
+
+def test_length_aware_batching_gives_the_fixed_count_update_float64(tmp_path, tiny_model_dir, questions_file):
+    kwargs = dict(epochs=2, reward=StartsWithDigit(), prompts_per_epoch=4, group_size=4, batch_size=2, ppo_epochs=2,
+                  accumulate=3, module_kw={"dtype": "float64"},
+                  rollout=LongTailRollout(max_new_tokens=24, temperature=1.0, show_progress=False))
+    fixed, fixed_trainer = _fit(tmp_path / "a", tiny_model_dir, questions_file, **kwargs)
+    aware, trainer = _fit(tmp_path / "b", tiny_model_dir, questions_file, batching=Batching("tokens", 120), **kwargs)
+    assert trainer.global_step == fixed_trainer.global_step > 0
+    assert (trainer.datamodule.rollout_stats["train/padding_frac"]
+            < fixed_trainer.datamodule.rollout_stats["train/padding_frac"])
+    start = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).named_parameters())
+    for (name, a), (_, b) in zip(fixed.policy.named_parameters(), aware.policy.named_parameters()):
+        assert not torch.equal(a, start[name])
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=name)
 
 
 def test_micro_batch_plan_pads_ranks_to_equal_counts():

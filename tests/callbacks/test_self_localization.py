@@ -12,12 +12,16 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import BenchmarkEval, RolloutBehaviourLogger, SelfLocalizationLogger
-from callbacks.self_localization import Response, Scored, bucket_report, render_html, render_tensorboard_text
 from sdzero_pl.core.losses import naive_topk_divergence
 from sdzero_pl.core.optim import OptimArgs
 from sdzero_pl.core.sequences import build_distill_example, collate_distill, position_ids
 from sdzero_pl.data.questions import QuestionSource
 from sdzero_pl.evaluation.evaluate import EvalDataModule
+from sdzero_pl.evaluation.localization import (
+    Response, ResponseView, Scored, bucket_report, render_html, render_tensorboard_text
+)
+from sdzero_pl.evaluation.metrics import bucket_means, clamp_roundoff
+from sdzero_pl.evaluation.plots import bucket_figure
 from sdzero_pl.phase2.distill import SelfDistillModule
 from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
 from sdzero_pl.rollout import HFRollout
@@ -25,16 +29,59 @@ from sdzero_pl.tasks import MathReward
 
 
 # ------------------------------------------------------------------------------------------ pure pieces
-def test_html_rendering_escapes_model_text():
+def test_html_rendering_escapes_model_and_dataset_text():
     tokens = ["<script>", "alert('x')", "</script>", " & ", "\n", "<b>"]
-    page = render_html([("q <1>, r=0", tokens, [0.1, 0.2, 0.3, 0.0, 0.0, 1.0])], vmax=0.5, title="t<i>")
-    assert "<script>" not in page and "</script>" not in page and "<b>" not in page
+    view = ResponseView("q <1>", "What is <i>1+1</i>?", "<2>", 0.0, tokens, [0.1, 0.2, 0.3, 0.0, 0.0, 1.0])
+    page = render_html([view], vmax=0.5, title="t<i>", num_rendered=1)
+    assert "<script>" not in page and "</script>" not in page and "<b>" not in page and "<i>1" not in page
     assert "&lt;script&gt;" in page and "alert(&#x27;x&#x27;)" in page and " &amp; " in page
-    assert "q &lt;1&gt;" in page and "<title>t&lt;i&gt;</title>" in page
+    assert "q &lt;1&gt;" in page and "<title>t&lt;i&gt;</title>" in page and "&lt;2&gt;" in page
     assert "rgba(220,38,38,1.000)" in page  # 1.0 / 0.5 clipped at full intensity
     text = render_tensorboard_text([("h", tokens, [0.9, 0.5, 0.0, 0.0, 0.0, 0.0])], strong=0.8, emphasis=0.4)
     assert "<strong>&lt;script&gt;</strong>" in text and "<em>alert(&#x27;x&#x27;)</em>" in text
     assert "<script>" not in text and "<br>" in text
+
+
+def test_the_page_opens_with_an_index_ranked_by_the_largest_divergence_linking_to_each_response():
+    slip = ResponseView("q7", "Tom has 7 apples and gives 5 away. How many are left?", "2", 0.0,
+                        ["7", "-", "5", "=", "3", ".", " \\boxed{3}"], [0.02, 0.01, 0.03, 0.01, 0.33, 0.05, 0.2])
+    right = ResponseView("q2", "What is 1+1?", "2", 1.0, ["1", "+", "1", "=", "2"], [0.01, 0.0, 0.02, 0.0, 0.04])
+    flat = ResponseView("q9", "What is 2+2?", "4", 1.0, ["4"], [0.001])
+    page = render_html([right, flat, slip], vmax=0.3, title="step 8", num_rendered=2)
+    index, _, body = page.partition("</table>")
+    rows = [row for row in index.split("<tr>")[2:]]
+    assert [r.split("</td>")[1] for r in rows] == ["<td><a href='#r1'>q7</a>", "<td><a href='#r2'>q2</a>",
+                                                          "<td>q9"]
+    assert "<td>0.33</td>" in rows[0] and "7-5=<mark>3</mark>. \\boxed{3}" in rows[0]  # the wrong '3', in context
+    assert "<h3 id='r1'>#1: question q7, r=0</h3>" in body and "<h3 id='r2'>" in body and "q9" not in body
+    for shown in ("Tom has 7 apples and gives 5 away. How many are left?", "<dt>reference answer</dt><dd>2</dd>",
+                  "0 (wrong)", "0.33 on token 5 of 7"):
+        assert shown in body, shown
+    assert slip.peak() == (4, 0.33) and ResponseView("e", "", "", 0.0, [], []).peak() == (-1, 0.0)
+
+
+def test_float_roundoff_below_zero_is_clamped_and_real_corruption_raises():
+    values = clamp_roundoff(torch.tensor([0.2, -5e-7, 0.0, -9e-5]), tolerance=1e-4)
+    assert values.tolist() == pytest.approx([0.2, 0.0, 0.0, 0.0]) and (values >= 0).all()
+    with pytest.raises(ValueError, match=r"1 of 3 D_t values are not finite or below -0.0001 \(e.g. -0.01\)"):
+        clamp_roundoff(torch.tensor([0.2, -0.01, 0.1]), tolerance=1e-4)
+    with pytest.raises(ValueError, match="corrupted"):
+        clamp_roundoff(torch.tensor([0.2, float("nan")]), tolerance=1e-4)
+
+
+def test_bucket_means_show_the_absolute_level_and_the_figure_draws_them_on_a_log_scale():
+    wrong = [1.0] + [0.01] * 19  # the same shares for both classes ...
+    right = [0.01] + [0.0001] * 19  # ... at a level 100 times lower
+    scored = [_scored(0.0, wrong), _scored(1.0, right)]
+    report = bucket_report(scored, num_buckets=2, per_response=False)
+    assert report["r0"]["shares"] == pytest.approx(report["r1"]["shares"])
+    assert report["r0"]["means"] == pytest.approx([(1.0 + 9 * 0.01) / 10, 0.01])
+    assert report["r1"]["means"] == pytest.approx([(0.01 + 9 * 0.0001) / 10, 0.0001])
+    assert bucket_means([3.0, 1.0], 3) == [3.0, 1.0, None]
+    figure = bucket_figure({k: v["shares"] for k, v in report.items()}, "t", {k: v["means"] for k, v in report.items()})
+    shares_axis, means_axis = figure.axes
+    assert means_axis.get_yscale() == "log"
+    assert len(means_axis.lines) == 2 and shares_axis.get_yscale() == "linear"
 
 
 def _scored(reward: float, divergence: list[float]) -> Scored:
@@ -66,7 +113,7 @@ def test_scores_match_a_naive_full_vocab_reference(tiny_model_dir):
     controls = {0.0: [30, 31], 1.0: [32]}
     examples = [build_distill_example(r.prompt_ids, r.completion_ids, controls[r.reward], [2], 64) for r in responses]
     batch = collate_distill(examples, pad_id=0)
-    scored = SelfLocalizationLogger._score_batch(module, batch, responses)
+    scored = SelfLocalizationLogger._score_batch(module, batch, responses, 1e-4)
 
     def full_logits(model, role):
         mask = batch[f"{role}_attention_mask"]
@@ -174,7 +221,9 @@ def test_analysis_callbacks_run_on_the_tiny_model_without_changing_weights(tiny_
     for key in ("r0", "r1"):
         if data["buckets"][key]["shares"] is not None:
             assert sum(data["buckets"][key]["shares"]) == pytest.approx(1.0)
-    assert (root / "step_4" / "responses.html").read_text().count("<h3>") == 2
+    page = (root / "step_4" / "responses.html").read_text()
+    assert page.count("<h3 id=") == 2 and page.count("<tr><td>") == 4  # 2 rendered, all 4 in the index
+    assert "<dt>reference answer</dt>" in page and "What is" in page
     assert (root / "step_4" / "buckets.png").read_bytes()[:4] == b"\x89PNG"
     _check_tensorboard(tmp_path / "logged" / "tb" / "version_0")
 

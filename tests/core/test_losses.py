@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from sdzero_pl.core.losses import (
-    forward_kl, gathered_logits, naive_topk_divergence, normalised_sum, reverse_kl, teacher_topk, token_logps,
-    topk_divergence
+    forward_kl, full_logsumexp, gathered_logits, naive_topk_divergence, normalised_sum, reverse_kl, teacher_topk,
+    token_logps, topk_divergence, with_rest_bucket
 )
 
 
@@ -156,3 +156,98 @@ def test_token_logps_match_full_log_softmax_for_any_chunk_size():
     reference = F.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     for chunk in (1, 3, 100):
         assert torch.allclose(token_logps(hidden, weight, targets, chunk), reference, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ bf16 symmetry, drift, tail
+@pytest.mark.parametrize("chunk_size", [3, 512])
+def test_identical_student_and_teacher_in_bf16_give_exactly_zero(chunk_size):
+    torch.manual_seed(5)
+    hidden = torch.randn(17, 32).bfloat16()
+    weight = (torch.randn(300, 32) * 0.3).bfloat16()
+    ids, teacher_logits, _ = teacher_topk(hidden, weight, 16, chunk_size)
+    student_logits = gathered_logits(hidden.clone().requires_grad_(), weight, ids, chunk_size)
+    assert teacher_logits.dtype == student_logits.dtype == torch.float32
+    assert torch.equal(student_logits, teacher_logits)  # the same computation in both roles
+    terms = topk_divergence(student_logits, teacher_logits, "mixed")
+    for name in ("loss", "kl_forward", "kl_reverse"):
+        assert torch.equal(terms[name], torch.zeros(17)), name
+
+
+def test_the_rest_bucket_completes_the_full_vocab_probabilities():
+    torch.manual_seed(6)
+    logits = torch.randn(5, 40, dtype=torch.float64)
+    ids = logits.topk(4, -1).indices
+    top = logits.gather(-1, ids)
+    log_mass = top.logsumexp(-1) - logits.logsumexp(-1)
+    buckets = with_rest_bucket(F.log_softmax(top, -1), log_mass).exp()  # (5, 5)
+    torch.testing.assert_close(buckets[:, :4], logits.softmax(-1).gather(-1, ids), rtol=0, atol=1e-15)
+    torch.testing.assert_close(buckets.sum(-1), torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-15)
+    whole = with_rest_bucket(F.log_softmax(logits, -1), logits.logsumexp(-1) * 0)  # k = V: mass 1, rest ~0
+    assert torch.isfinite(whole).all() and float(whole[:, -1].exp().max()) < 1e-30
+
+
+def test_full_logsumexp_is_the_normaliser_with_its_gradient():
+    torch.manual_seed(7)
+    hidden = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 6, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(full_logsumexp(hidden, weight, 4), (hidden @ weight.T).logsumexp(-1), rtol=0, atol=1e-12)
+    torch.autograd.gradcheck(lambda h, w: full_logsumexp(h, w, 4), (hidden, weight))
+
+
+def _mass_sink(n=12, h=16, v=200, k=8):
+    """Teacher and student heads that agree on every row but one "sink" id: the teacher gives it a very low logit,
+    the student a very high one. Hidden states all point along the sink's direction, so the sink is never in the
+    teacher's top-k, yet holds nearly all of the student's mass."""
+    torch.manual_seed(8)
+    direction = F.normalize(torch.randn(h, dtype=torch.float64), dim=0)
+    hidden = 3.0 * direction + 0.1 * torch.randn(n, h, dtype=torch.float64)
+    teacher_w = torch.randn(v, h, dtype=torch.float64)
+    teacher_w[0] = -20.0 * direction
+    student_w = teacher_w.clone()
+    student_w[0] = 20.0 * direction
+    return hidden, teacher_w, student_w.requires_grad_(), k
+
+
+def test_a_student_with_zero_renormalised_kl_but_little_mass_on_the_topk_is_flagged_and_penalised_by_the_tail():
+    hidden, teacher_w, student_w, k = _mass_sink()
+    ids, teacher_logits, teacher_mass = teacher_topk(hidden, teacher_w, k)
+    assert not (ids == 0).any()
+    student_logits = gathered_logits(hidden, student_w, ids)
+    renormalised = topk_divergence(student_logits, teacher_logits, "mixed")["loss"]
+    assert float(renormalised.abs().max()) < 1e-12  # the paper's loss sees nothing wrong
+    student_log_mass = student_logits.logsumexp(-1) - full_logsumexp(hidden, student_w)
+    assert float(student_log_mass.exp().max()) < 1e-6 < float(teacher_mass.min())  # the drift monitor flags it
+    tail = topk_divergence(student_logits, teacher_logits, "mixed", student_log_mass=student_log_mass,
+                           teacher_log_mass=teacher_mass.log())["loss"]
+    assert float(tail.min()) > 1.0  # the tail term penalises it
+    tail.sum().backward()
+    assert float(student_w.grad[0] @ F.normalize(hidden.mean(0), dim=0)) > 0  # descent lowers the sink's logit
+
+
+def test_the_tail_term_is_zero_for_identical_models_and_needs_both_masses():
+    hidden, teacher_w, _, k = _mass_sink()
+    ids, logits, mass = teacher_topk(hidden, teacher_w, k)
+    log_mass = gathered_logits(hidden, teacher_w, ids).logsumexp(-1) - full_logsumexp(hidden, teacher_w)
+    tail = topk_divergence(logits, logits, "reverse", student_log_mass=log_mass, teacher_log_mass=log_mass)
+    assert float(tail["loss"].abs().max()) < 1e-12
+    with pytest.raises(ValueError, match="both"):
+        topk_divergence(logits, logits, "reverse", student_log_mass=log_mass)
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 24 * 7])  # one block; blocks of 7 vocabulary rows and 7 pairs
+def test_half_precision_head_gradient_is_the_float32_sum_rounded_once(monkeypatch, budget):
+    import sdzero_pl.core.losses as losses
+
+    monkeypatch.setattr(losses, "_ROWS_BUDGET", budget)
+    torch.manual_seed(9)
+    ids = torch.randint(0, 500, (37, 8))
+    grad = torch.randn(37, 8)
+    hidden = torch.randn(37, 24).bfloat16().requires_grad_()
+    weight = (torch.randn(500, 24) * 0.1).bfloat16().requires_grad_()
+    gathered_logits(hidden, weight, ids, 5).backward(grad)
+    hidden32 = hidden.detach().float().requires_grad_()
+    weight32 = weight.detach().float().requires_grad_()
+    gathered_logits(hidden32, weight32, ids, 5).backward(grad)
+    assert weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(weight.grad, weight32.grad.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(hidden.grad, hidden32.grad.bfloat16(), rtol=0, atol=0)

@@ -44,6 +44,34 @@ def test_length_budget_truncates_y_in_both_sequences():
     assert len(ex.teacher_ids) <= 11 and ex.num_tokens == 3
 
 
+def test_budget_counts_the_first_copy_without_its_end_of_turn_token():
+    # |x| + 2|y| + |delimiter| = 3 + 8 + 2 = 13, but the first copy has no EOS: the teacher sequence is 12 tokens
+    y = [4, 5, 6, EOS]
+    whole = build_distill_example(PROMPT, y, CONTROL, [EOS], max_teacher_len=12)
+    assert not whole.truncated and len(whole.teacher_ids) == 12 and whole.num_tokens == 4
+    cut = build_distill_example(PROMPT, y, CONTROL, [EOS], max_teacher_len=11)  # (11 - 3 - 2) // 2 = 3 tokens
+    assert cut.truncated and cut.student_ids == PROMPT + [4, 5, 6] and len(cut.teacher_ids) == 11
+
+
+def test_budget_keeps_the_longest_prefix_that_fits():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        prompt, control = [1] * rng.randint(1, 6), [7] * rng.randint(1, 3)
+        y = [rng.randint(2, 8) for _ in range(rng.randint(1, 10))] + ([EOS] if rng.random() < 0.5 else [])
+        budget = rng.randint(2, 30)
+        ex = build_distill_example(prompt, y, control, [EOS], budget)
+        kept = ex.num_tokens
+        assert ex.student_ids == prompt + y[:kept] and ex.teacher_ids[-kept or len(ex.teacher_ids):] == y[:kept]
+        if kept:
+            assert len(ex.teacher_ids) <= budget
+        if ex.truncated and kept + 1 <= len(y):  # one more token would not fit
+            longer = prompt + strip_stop(y[: kept + 1], [EOS]) + control + y[: kept + 1]
+            assert len(longer) > budget
+        assert ex.truncated == (len(prompt) + len(strip_stop(y, [EOS])) + len(control) + len(y) > budget)
+
+
 def test_prompt_that_does_not_fit_gives_zero_loss():
     ex = build_distill_example([1] * 20, [4, 5, EOS], CONTROL, [EOS], max_teacher_len=10)
     assert ex.num_tokens == 0 and sum(ex.teacher_mask) == 0

@@ -83,3 +83,18 @@ def test_prompt_is_rendered_with_the_chat_template_and_opens_the_assistant_turn(
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n"
     ids = encode_prompts(tokenizer, ["What is 1+1?"])[0]
     assert tokenizer.decode(ids) == render_prompt(tokenizer, "What is 1+1?")
+
+
+def test_chat_template_arguments_reach_the_template(tiny_model_dir):
+    """A hybrid-thinking template (Qwen3's opens an empty think block when ``enable_thinking`` is false)."""
+    from sdzero_pl.core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "{{ '<|im_start|>assistant\n' }}",
+        "{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and not enable_thinking %}"
+        "{{ '<think>\n\n</think>\n\n' }}{% endif %}")
+    thinking = render_prompt(tokenizer, "1+1?")
+    plain = render_prompt(tokenizer, "1+1?", template_kwargs={"enable_thinking": False})
+    assert plain == thinking + "<think>\n\n</think>\n\n"
+    assert tokenizer.decode(encode_prompts(tokenizer, ["1+1?"], None, {"enable_thinking": False})[0]) == plain

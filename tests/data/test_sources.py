@@ -74,3 +74,20 @@ def test_optimizer_arguments_are_kept_as_plain_types_and_rebuilt_from_them():
     scheduler = result["lr_scheduler"]["scheduler"]
     assert result["optimizer"].param_groups[0]["betas"] == (0.9, 0.95)
     assert scheduler.get_last_lr()[0] == pytest.approx(0.5e-3)  # warm-up step 1 of 2
+
+
+def test_warmup_can_start_at_a_fraction_of_the_learning_rate_like_the_reference_code():
+    from sdzero_pl.core.optim import lr_factor
+
+    reference = torch.optim.lr_scheduler.LinearLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                                                  start_factor=0.1, end_factor=1.0, total_iters=20)
+    expected = []
+    for _ in range(25):
+        expected.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    ours = [lr_factor(step, 100, 20, "constant", warmup_start=0.1) for step in range(25)]
+    assert ours == pytest.approx(expected) and ours[0] == pytest.approx(0.1) and ours[20:] == [1.0] * 5
+    assert lr_factor(0, 100, 20, "constant") == pytest.approx(1 / 20)  # default: the first step at lr / warm-up
+    with pytest.raises(ValueError, match="warmup_start"):
+        OptimArgs(warmup_start=1.0)

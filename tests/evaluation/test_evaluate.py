@@ -13,6 +13,7 @@ from typing import Sequence
 import pytest
 
 from sdzero_pl.cli import main
+from sdzero_pl.core.artifacts import is_complete, read_manifest
 from sdzero_pl.core.models import load_model, load_tokenizer
 from sdzero_pl.core.prompts import control_phrases, control_text, encode_prompts
 from sdzero_pl.data.questions import Question
@@ -34,8 +35,8 @@ def test_registry_holds_the_paper_benchmarks():
 
 
 def test_overrides_replace_adapter_fields_and_reject_unknown_ones():
-    bench = resolve_benchmark("aime25", {"aime25": {"source": "math-ai/aime25", "split": "test"}})
-    assert (bench.source, bench.split, bench.name) == ("math-ai/aime25", "test", "aime25")
+    bench = resolve_benchmark("aime25", {"aime25": {"source": "yentinglin/aime_2025", "split": "train"}})
+    assert (bench.source, bench.split, bench.name) == ("yentinglin/aime_2025", "train", "aime25")
     with pytest.raises(ValueError, match="unknown or fixed fields"):
         resolve_benchmark("aime25", {"aime25": {"colum": "x"}})
     with pytest.raises(ValueError, match="neither a known benchmark"):
@@ -46,7 +47,7 @@ def test_overrides_replace_adapter_fields_and_reject_unknown_ones():
 
 def test_hub_style_adapter_on_a_local_copy_normalises_integer_answers():
     bench = resolve_benchmark("aime24", {"aime24": {"source": str(FIXTURES / "aime_like.jsonl")}})
-    questions = load_benchmark(bench)
+    questions = load_benchmark(bench).questions
     assert [q.answer for q in questions] == ["25", "7", "204"]
     assert [q.id for q in questions] == ["60", "61", "62"]
 
@@ -55,7 +56,7 @@ def test_local_json_with_a_column_mapping_and_boxed_answers():
     path = str(FIXTURES / "solutions.json")
     bench = resolve_benchmark(path, {"solutions": {"question_field": "question", "answer_field": "solution",
                                                    "normalise": "boxed", "start": 1}})
-    questions = load_benchmark(bench)
+    questions = load_benchmark(bench).questions
     assert [q.answer for q in questions] == ["2", "3"]
     assert questions[1].question == "Name <b>three</b>."
 
@@ -127,7 +128,7 @@ class ScriptedRollout(RolloutBackend):
     def setup(self, policy, tokenizer, stop_ids) -> None:
         pass
 
-    def generate(self, prompt_ids, seed, desc="generate", max_new_tokens=None) -> list[Rollout]:
+    def generate(self, prompt_ids, seed, desc="generate", max_new_tokens=None, on_progress=None) -> list[Rollout]:
         self.calls.append({"prompts": [list(p) for p in prompt_ids], "seed": seed, "max_new_tokens": max_new_tokens})
         return [split_at_stop(ids, self.stop_ids) for ids in self.scripts[len(self.calls) - 1]]
 
@@ -177,18 +178,27 @@ def test_eval_configs_parse_and_instantiate(tiny_model_dir, tmp_path):
         assert type(cli.datamodule).__name__ == "EvalDataModule", path
 
 
-def test_validate_command_end_to_end_writes_json_and_markdown(tiny_model_dir, tmp_path):
+def test_validate_command_end_to_end_writes_json_and_markdown(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    import sdzero_pl.evaluation.evaluate as evaluate
+
+    positions = []  # where the progress bar is moved while a batch generates
+    monkeypatch.setattr(evaluate, "advance_bar", lambda trainer, stage, position: positions.append((stage, position)))
     sums = str(FIXTURES / "sums.jsonl")
     main([
         "validate", "--config", str(ROOT / "configs" / "eval" / "tiny.yaml"),
         f"--model.init_args.model_name_or_path={tiny_model_dir}",
         "--model.init_args.num_samples=2", "--model.init_args.pass_k=[1, 2]",
-        "--model.init_args.rollout.init_args.max_new_tokens=6",
+        "--model.init_args.rollout.init_args.max_new_tokens=6", "--model.init_args.rollout.init_args.batch_size=2",
         f"--data.init_args.benchmarks=[{sums}]", "--data.init_args.benchmark_overrides={sums: {id_field: id}}",
         "--data.init_args.max_questions=3", "--data.init_args.batch_size=2",
         f"--trainer.default_root_dir={tmp_path}",
     ])
+    # batch 0: 2 questions x 2 samples = 2 generate calls of 2, then 2 of revisions: a quarter each
+    assert positions[:4] == [("val", 0.25), ("val", 0.5), ("val", 0.75), ("val", 1.0)] and positions[-1] == ("val", 2.0)
+    assert f"{tiny_model_dir}: val results" in caplog.text  # the printed table names its model
     log_dir = tmp_path / "tensorboard" / "version_0"
+    assert is_complete(log_dir) and {"eval_val.json", "eval_val.md", "samples_val_rank0.jsonl"} <= set(
+        read_manifest(log_dir)["files"])
     results = json.loads((log_dir / "eval_val.json").read_text())
     row = results["results"]["sums"]
     assert row["questions"] == 3 and row["skipped"] == 0
@@ -209,7 +219,7 @@ def test_validate_command_end_to_end_writes_json_and_markdown(tiny_model_dir, tm
         row, records = evaluate_questions(
             load_model(tiny_model_dir, "float32"), load_tokenizer(tiny_model_dir),
             [item.question for item in data.load_items()], reward=reward, num_samples=2, pass_k=[1, 2],
-            rollout=HFRollout(temperature=0.7, max_new_tokens=6, batch_size=64, show_progress=False),
+            rollout=HFRollout(temperature=0.7, max_new_tokens=6, batch_size=2, show_progress=False),
             phrases=control_phrases("paper"), instruction=" Answer in \\boxed{}.", batch_size=2, seed=0, name="sums")
     finally:
         reward.close()

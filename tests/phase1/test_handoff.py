@@ -33,3 +33,14 @@ def test_the_same_settings_pass_and_each_difference_is_named_with_both_values():
         check_handoff(handoff, QuestionSource("data/q.jsonl", instruction=" Box it."), ControlPhrases("qwen"), "m")
     with pytest.raises(ValueError, match="--data.ignore_handoff=true"):
         check_handoff(handoff, QuestionSource("data/q.jsonl"), ControlPhrases("qwen"), "m")
+
+
+def test_chat_template_arguments_travel_in_the_record_and_a_difference_is_named():
+    thinking_off = QuestionSource("data/q.jsonl", chat_template_kwargs={"enable_thinking": False})
+    handoff = Handoff.of(thinking_off, ControlPhrases(), [], {})
+    assert handoff.chat_template_kwargs == {"enable_thinking": False}
+    check_handoff(handoff, thinking_off, ControlPhrases(), "m")
+    with pytest.raises(ValueError, match=r"--data.questions.chat_template_kwargs=\{'enable_thinking': False\}"):
+        check_handoff(handoff, QuestionSource("data/q.jsonl"), ControlPhrases(), "m")
+    old = {k: v for k, v in Handoff.of(SOURCE, ControlPhrases(), [], {}).__dict__.items() if k != "chat_template_kwargs"}
+    assert Handoff(**old).chat_template_kwargs is None  # records written before the field still read

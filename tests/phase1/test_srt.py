@@ -18,6 +18,7 @@ from sdzero_pl.cli import main
 from sdzero_pl.core.models import load_model, load_tokenizer
 from sdzero_pl.core.optim import OptimArgs, staged_lr_factor
 from sdzero_pl.core.prompts import SEPARATOR, control_phrases, render_prompt
+from sdzero_pl.data.batching import Batching
 from sdzero_pl.data.questions import DataError, QuestionSource
 from sdzero_pl.phase1.data import SFTPlan, TraceDataModule
 from sdzero_pl.phase1.srt import (
@@ -197,15 +198,16 @@ def test_each_stage_warms_up_and_decays_on_its_own():
 
 
 # ------------------------------------------------------------------------------------------------------ module
-def fit(tmp_path, tiny_model_dir, questions_file, traces_file, max_steps=2, epochs=3, **data_kwargs):
-    module = SelfReviseSFTModule(tiny_model_dir, dtype="float32", optim=replace(SRT_OPTIM, lr=1e-2, warmup_ratio=0.0),
+def fit(tmp_path, tiny_model_dir, questions_file, traces_file, max_steps=2, epochs=3, dtype="float32", accumulate=1,
+        **data_kwargs):
+    module = SelfReviseSFTModule(tiny_model_dir, dtype=dtype, optim=replace(SRT_OPTIM, lr=1e-2, warmup_ratio=0.0),
                                  export_dir=str(tmp_path / "hf_model"))
     source = QuestionSource(questions_file, id_field="id", num_questions=data_kwargs.pop("num_questions", 0))
     kwargs = dict(extra_traces_file=traces_file, output_dir=str(tmp_path / "srt_data"), batch_size=2, max_length=256)
     kwargs.update(data_kwargs)
     data = TraceDataModule(source, **kwargs)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=epochs,
-                        reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False,
+                        accumulate_grad_batches=accumulate, reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(module, data)
     return module, data, trainer
@@ -225,6 +227,26 @@ def test_two_steps_change_the_weights_and_the_export_loads(tmp_path, tiny_model_
     assert AutoTokenizer.from_pretrained(tmp_path / "hf_model").chat_template is not None
     ids = json.loads((tmp_path / "srt_data" / "phase1_question_ids.json").read_text())
     assert ids == [f"q{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("objective", ["both", "two_stage"])
+def test_length_aware_batching_gives_the_fixed_count_update_float64(tmp_path, tiny_model_dir, questions_file,
+                                                                    tokenizer, objective):
+    traces = handcrafted_traces(tokenizer, 12)
+    for i, trace in enumerate(traces):  # a long tail: a few traces much longer than the rest
+        trace["init"] += " and so on" * (12 if i % 5 == 0 else 0)
+    path = write_jsonl(tmp_path / "hand.jsonl", traces)
+    kwargs = dict(max_steps=-1, epochs=2, dtype="float64", accumulate=3, objective=objective, stage2_size=6,
+                  stage1_epochs=1)
+    fixed, _, fixed_trainer = fit(tmp_path / "a", tiny_model_dir, questions_file, path, **kwargs)
+    aware, data, trainer = fit(tmp_path / "b", tiny_model_dir, questions_file, path,
+                               batching=Batching("tokens", 400), **kwargs)
+    assert trainer.global_step == fixed_trainer.global_step > 0
+    assert data.stats["train/padding_frac"] < fixed_trainer.datamodule.stats["train/padding_frac"]
+    start = dict(load_model(tiny_model_dir, "float64").named_parameters())
+    for (name, a), (_, b) in zip(fixed.policy.named_parameters(), aware.policy.named_parameters()):
+        assert not torch.equal(a, start[name])
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=name)
 
 
 def test_two_stage_resets_the_optimizer_between_stages(tmp_path, tiny_model_dir, questions_file, tokenizer):
@@ -247,6 +269,22 @@ def test_empty_trace_file_is_a_clear_error(tmp_path, tiny_model_dir, questions_f
     empty.write_text("")
     with pytest.raises(DataError, match=r"empty.jsonl: 0 usable traces.*min_traces"):
         fit(tmp_path, tiny_model_dir, questions_file, str(empty))
+
+
+def test_the_tiny_config_collects_real_traces_and_trains_on_them(tmp_path, monkeypatch):
+    """configs/tiny/srt.yaml starts from the shipped arithmetic model, which is right about half the time: the
+    collection keeps verified traces (min_traces 4 makes none an error) and the export differs from the start."""
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    main(["fit", "--config", str(CONFIGS / "tiny" / "srt.yaml"), f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+    traces = [json.loads(line) for line in (tmp_path / "srt_data" / "traces.jsonl").read_text().splitlines()]
+    kept = [t for t in traces if t["kind"] == "trace" and t["revision_reward"] == 1.0]
+    assert len(kept) >= 4, f"{len(kept)} traces"
+    start = AutoModelForCausalLM.from_pretrained(CONFIGS.parent / "checkpoints" / "tiny-arith")
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_model")
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, dict(start.named_parameters())[n])]
+    assert changed, "the exported SRT model is the base model: nothing was trained"
+    assert json.loads((tmp_path / "hf_model" / "budget.json").read_text())["total"]["generations"] == 16 * 4
 
 
 @pytest.mark.parametrize("config", ["qwen_srt.yaml", "olmo_srt.yaml", "tiny/srt.yaml"])

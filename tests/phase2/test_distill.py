@@ -1,5 +1,6 @@
 """SelfDistillModule + OnPolicyDataModule through a real Trainer on the tiny model."""
 
+import csv
 import json
 
 import lightning as L
@@ -9,10 +10,14 @@ from transformers import AutoModelForCausalLM
 
 from callbacks import TeacherSync
 from sdzero_pl.core.optim import OptimArgs
+from sdzero_pl.data.batching import Batching
 from sdzero_pl.data.questions import QuestionSource
 from sdzero_pl.phase2.distill import SelfDistillModule
 from sdzero_pl.phase2.onpolicy import OnPolicyDataModule
 from sdzero_pl.rollout import HFRollout
+from tests.helpers import LongTailRollout
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class CountingRollout(HFRollout):
@@ -26,14 +31,18 @@ class CountingRollout(HFRollout):
 
 
 def _fit(tmp_path, model_dir, questions, *, epochs=2, batch_size=4, accumulate=1, dtype="float32", callbacks=(),
-         rollout=None, ckpt_path=None, lr=1e-2, prompts=8, logger=False, **module_kwargs):
+         rollout=None, ckpt_path=None, lr=1e-2, prompts=8, logger=False, batching=Batching(), max_teacher_len=128,
+         data_kwargs=None, log_every_n_steps=50, **module_kwargs):
     module = SelfDistillModule(model_dir, dtype=dtype, top_k=8, optim=OptimArgs(lr=lr),
                                export_dir=str(tmp_path / "export"), **module_kwargs)
-    data = OnPolicyDataModule(QuestionSource(questions, id_field="id", shuffle=True), prompts_per_epoch=prompts, batch_size=batch_size,
-                              max_teacher_len=128, rollout=rollout or HFRollout(max_new_tokens=16, show_progress=False))
+    data = OnPolicyDataModule(QuestionSource(questions, id_field="id", shuffle=True), prompts_per_epoch=prompts,
+                              batch_size=batch_size, batching=batching, max_teacher_len=max_teacher_len,
+                              rollout=rollout or HFRollout(max_new_tokens=16, show_progress=False),
+                              **(data_kwargs or {}))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, reload_dataloaders_every_n_epochs=1,
-        accumulate_grad_batches=accumulate, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+        accumulate_grad_batches=accumulate, logger=logger, log_every_n_steps=log_every_n_steps,
+        enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=list(callbacks),
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
@@ -93,6 +102,37 @@ def test_microbatch_split_does_not_change_the_update_float64(tmp_path, tiny_mode
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+class MicroBatchShapes(L.Callback):
+    """The (rows, teacher length) of every micro-batch, and the trainer's accumulation while it trained."""
+
+    def __init__(self):
+        self.shapes, self.accumulate = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.shapes.append(tuple(batch["teacher_ids"].shape))
+        self.accumulate.append(trainer.accumulate_grad_batches)
+
+
+def test_length_aware_batching_gives_the_fixed_count_update_float64(tmp_path, tiny_model_dir, questions_file):
+    kwargs = dict(epochs=2, batch_size=2, accumulate=3, dtype="float64", prompts=12, max_teacher_len=256,
+                  rollout=LongTailRollout(max_new_tokens=48, temperature=1.0, show_progress=False))
+    fixed, fixed_trainer = _fit(tmp_path / "a", tiny_model_dir, questions_file, **kwargs)
+    shapes = MicroBatchShapes()
+    aware, trainer = _fit(tmp_path / "b", tiny_model_dir, questions_file, batching=Batching("tokens", 400),
+                          callbacks=[shapes], **kwargs)
+    assert trainer.global_step == fixed_trainer.global_step == 4  # 12 prompts / (2 x 3) = 2 steps per epoch
+    stats = trainer.datamodule.rollout_stats
+    assert stats["train/padding_frac"] < fixed_trainer.datamodule.rollout_stats["train/padding_frac"]
+    assert len({rows for rows, _ in shapes.shapes}) > 1  # micro-batches of different sizes
+    assert all(rows == 1 or rows * length <= 400 for rows, length in shapes.shapes)
+    assert shapes.accumulate[-1] == int(stats["train/micro_batches_per_step"])  # set for each epoch
+    assert trainer.accumulate_grad_batches == 3  # the user's again after the fit
+    start = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).named_parameters())
+    for (name, a), (_, b) in zip(fixed.policy.named_parameters(), aware.policy.named_parameters()):
+        assert not torch.equal(a, start[name])
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=name)
+
+
 def test_padding_and_prompt_tokens_do_not_change_the_loss(tmp_path, tiny_model_dir, questions_file):
     module, trainer = _fit(tmp_path, tiny_model_dir, questions_file, epochs=1, dtype="float64", prompts=4)
     batch = trainer.datamodule._epoch_data.batches[0]
@@ -105,6 +145,38 @@ def test_padding_and_prompt_tokens_do_not_change_the_loss(tmp_path, tiny_model_d
     # a token outside the loss (the teacher's first copy) may change the loss; a padded row of zeros may not
     wider = {k: torch.cat([v, torch.zeros_like(v[:, :3])], dim=1) if v.dim() == 2 else v for k, v in batch.items()}
     torch.testing.assert_close(module.distill_loss(wider)[0].detach(), base)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_identical_student_and_teacher_on_the_same_context_give_exactly_zero(tmp_path, tiny_model_dir,
+                                                                             questions_file, dtype):
+    # the teacher is synced to the student after every step and reads the student's own context ("question")
+    module, trainer = _fit(tmp_path, tiny_model_dir, questions_file, epochs=1, dtype=dtype, drift_every_n_steps=1,
+                           callbacks=[TeacherSync(every_n_steps=1)], data_kwargs={"teacher_context": "question"})
+    module.policy.eval()  # the teacher runs in eval mode; the student's dropout is 0 anyway
+    for batch in trainer.datamodule._epoch_data.batches:
+        loss, metrics, _ = module.distill_loss(batch)
+        assert float(loss) == 0.0 and float(metrics["train/kl_forward"]) == 0.0, dtype
+        assert float(metrics["train/kl_reverse"]) == 0.0
+        tolerance = 2e-2 if dtype == "bfloat16" else 1e-5  # the ids come from the full head in the weights' dtype
+        assert float(metrics["student/topk_mass"]) == pytest.approx(float(metrics["teacher/topk_mass"]),
+                                                                     abs=tolerance)
+
+
+def test_the_drift_monitor_logs_every_n_steps_and_the_tail_term_trains(tmp_path, tiny_model_dir, questions_file):
+    logger = L.pytorch.loggers.CSVLogger(tmp_path / "csv")
+    _, trainer = _fit(tmp_path / "a", tiny_model_dir, questions_file, epochs=2, batch_size=4, drift_every_n_steps=2,
+                      logger=logger, log_every_n_steps=1)
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    mass = {int(r["step"]): float(r["student/topk_mass_step"]) for r in rows if r.get("student/topk_mass_step")}
+    assert sorted(mass) == [0, 1, 2, 3] and all(0.0 < m <= 1.0 for m in mass.values())
+    # measured at optimizer steps 0 and 2; in between Lightning repeats the latest value
+    assert mass[0] == mass[1] != mass[2] == mass[3]
+    start = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    tailed, trainer = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=1, tail=True, drift_every_n_steps=0)
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+    assert "student/topk_mass_epoch" in trainer.callback_metrics  # the tail term computes it anyway
+    assert all(not torch.equal(p, start[n]) for n, p in tailed.policy.named_parameters())
 
 
 def test_teacher_sync_copies_the_student_every_n_steps(tmp_path, tiny_model_dir, questions_file):
@@ -131,26 +203,49 @@ def test_removing_other_callbacks_does_not_change_the_weights(tmp_path, tiny_mod
         assert torch.equal(a, b)
 
 
-def test_resume_restores_student_teacher_optimizer_and_data_position(tmp_path, tiny_model_dir, questions_file):
-    straight, _ = _fit(tmp_path / "a", tiny_model_dir, questions_file, epochs=2,
-                       callbacks=[TeacherSync(every_n_steps=3)])
+@pytest.mark.parametrize("batching", [Batching(), Batching("tokens", 100)], ids=["count", "tokens"])
+def test_resume_restores_student_teacher_optimizer_and_data_position(tmp_path, tiny_model_dir, questions_file,
+                                                                     batching):
+    rollout = dict(max_new_tokens=16, show_progress=False)
+    straight, _ = _fit(tmp_path / "a", tiny_model_dir, questions_file, epochs=2, batching=batching,
+                       rollout=LongTailRollout(**rollout), callbacks=[TeacherSync(every_n_steps=3)])
     ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     module = SelfDistillModule(tiny_model_dir, dtype="float32", top_k=8, optim=OptimArgs(lr=1e-2),
                                export_dir=str(tmp_path / "e1"))
-    data = OnPolicyDataModule(QuestionSource(questions_file, id_field="id", shuffle=True), prompts_per_epoch=8, batch_size=4, max_teacher_len=128,
-                              rollout=HFRollout(max_new_tokens=16, show_progress=False))
+    data = OnPolicyDataModule(QuestionSource(questions_file, id_field="id", shuffle=True), prompts_per_epoch=8,
+                              batch_size=4, batching=batching, max_teacher_len=128, rollout=LongTailRollout(**rollout))
     first = L.Trainer(accelerator="cpu", max_epochs=1, reload_dataloaders_every_n_epochs=1, logger=False,
                       enable_progress_bar=False, callbacks=[ckpt_cb, TeacherSync(every_n_steps=3)])
     first.fit(module, data)
-    resumed, trainer = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=2,
-                            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), callbacks=[TeacherSync(every_n_steps=3)])
+    resumed, trainer = _fit(tmp_path / "b", tiny_model_dir, questions_file, epochs=2, batching=batching,
+                            rollout=LongTailRollout(**rollout), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+                            callbacks=[TeacherSync(every_n_steps=3)])
     assert trainer.global_step == 4
     for role in ("policy", "teacher"):
         for (name, a), (_, b) in zip(getattr(straight, role).named_parameters(), getattr(resumed, role).named_parameters()):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"{role}.{name}")
 
 
+def test_a_resumed_run_exports_where_the_run_it_resumes_exports(tmp_path, tiny_model_dir, questions_file):
+    def fit(root, epochs, ckpt_path=None):
+        module = SelfDistillModule(tiny_model_dir, dtype="float32", top_k=8, optim=OptimArgs(lr=1e-2))
+        data = OnPolicyDataModule(QuestionSource(questions_file, id_field="id"), prompts_per_epoch=4, batch_size=4,
+                                  max_teacher_len=96, rollout=HFRollout(max_new_tokens=8, show_progress=False))
+        trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, reload_dataloaders_every_n_epochs=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+
+    fit(tmp_path / "first", 1)
+    first = json.loads((tmp_path / "first" / "hf_model" / "budget.json").read_text())
+    fit(tmp_path / "elsewhere", 2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))  # another default_root_dir
+    assert not (tmp_path / "elsewhere" / "hf_model").exists()
+    resumed = json.loads((tmp_path / "first" / "hf_model" / "budget.json").read_text())
+    assert (first["total"]["generations"], resumed["total"]["generations"]) == (4, 8)
+
+
 @pytest.mark.parametrize("kwargs, flag", [({"top_k": 0}, "top_k"), ({"divergence": "js"}, "divergence"),
+                                           ({"drift_every_n_steps": -1}, "drift_every_n_steps"),
                                            ({"optim": {"schedule": "step"}}, "optim.schedule"),
                                            ({"dtype": "int8"}, "dtype")])
 def test_bad_flags_name_the_flag_and_value(tiny_model_dir, kwargs, flag):

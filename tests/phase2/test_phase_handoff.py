@@ -52,6 +52,7 @@ def test_phase1_export_starts_phase2_on_disjoint_questions(tmp_path, tiny_model_
         "--data.questions.dataset", questions_file, "--data.questions.num_questions", "8", "--data.questions_per_chunk", "4",
         "--data.revisions_per_init", "2", "--data.rollout.init_args.max_new_tokens", "16",
         "--data.output_dir", str(phase1 / "srt_data"), "--data.extra_traces_file", traces, "--data.min_traces", "1",
+        "--data.questions.instruction", " Answer in \\boxed{}.", "--data.reward", "sdzero_pl.tasks.MathReward",
     ])
     assert srt.trainer.global_step > 0
     export = phase1 / "hf_model"

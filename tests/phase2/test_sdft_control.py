@@ -261,7 +261,7 @@ def test_sdft_makes_the_demonstrated_answers_more_likely(tmp_path, tiny_model_di
 
     module, _, trainer = _fit(tmp_path / "sdft", str(tmp_path / "base"), solutions_file, epochs=12, top_k=16,
                               max_new_tokens=2, instruction="", teacher_context="demonstration",
-                              solution_field="solution")
+                              solution_field="solution", reuse_questions=True)  # 12 passes over 8 questions
     after = answer_probability(module.policy, plain, answers)
     assert after > 20 * before and after > 0.5 * teacher_p, (before, after, teacher_p)
     assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
@@ -269,7 +269,7 @@ def test_sdft_makes_the_demonstrated_answers_more_likely(tmp_path, tiny_model_di
         assert torch.equal(param, dict(base.named_parameters())[name]) and not param.requires_grad
 
     control, _, _ = _fit(tmp_path / "question", str(tmp_path / "base"), solutions_file, epochs=12, top_k=16,
-                         max_new_tokens=2, instruction="", teacher_context="question")
+                         max_new_tokens=2, instruction="", teacher_context="question", reuse_questions=True)
     assert answer_probability(control.policy, plain, answers) < 0.1 * after  # the demonstration is what teaches
 
 

@@ -106,6 +106,32 @@ def test_fsdp2_with_two_cpu_processes_matches_one_process(single_run, tmp_path):
     assert len(reports) >= 2, reports  # at the start and after each optimizer step
 
 
+# Length-aware batching: long-tailed rollouts (tests/helpers.py), each step re-cut by a 400-token budget; the ranks
+# need different numbers of micro-batches and agree on the largest. The reference is fixed-count, one process.
+LONG_TAIL = ("--data.init_args.rollout.class_path=tests.helpers.LongTailRollout",
+             "--data.init_args.rollout.init_args.max_new_tokens=48")
+TOKENS = ("--data.init_args.batching.mode=tokens", "--data.init_args.batching.max_tokens=400")
+
+
+@pytest.fixture(scope="module")
+def single_long_tail_run(tmp_path_factory) -> dict[str, torch.Tensor]:
+    tmp_path = tmp_path_factory.mktemp("strategies_long_tail")
+    main(_args(tmp_path, "single", "--trainer.devices=1", "--trainer.accumulate_grad_batches=4", *LONG_TAIL))
+    return _exported(tmp_path / "single" / "hf")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [
+    ("--trainer.strategy=ddp",),
+    ("--trainer.strategy.class_path=lightning.pytorch.strategies.ModelParallelStrategy",
+     "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.strategy.init_args.tensor_parallel_size=1"),
+], ids=["ddp", "fsdp2"])
+def test_length_aware_batching_with_two_cpu_processes_matches_fixed_count_in_one(single_long_tail_run, tmp_path,
+                                                                                  strategy):
+    run = _two_processes(tmp_path, "tokens", *strategy, *LONG_TAIL, *TOKENS)
+    _assert_same_weights(run, single_long_tail_run, "checkpoints/tiny-random")
+
+
 def _vllm_importable() -> bool:
     try:
         import vllm  # noqa: F401

@@ -42,7 +42,7 @@ def test_shipped_model_is_small_and_scores_what_its_training_record_says():
     assert abs(row["avg@1"] - recorded) <= noise, (row["avg@1"], recorded)
 
 
-def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch):
+def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "SPLIT_SIZES", {"phase1": 8, "phase2": 16, "heldout": 8})
     args = demo.build_parser().parse_args([
         "--out", str(tmp_path), "--base", str(SHIPPED), "--k", "2",
@@ -61,8 +61,16 @@ def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch):
     saved = json.loads((out / "results.json").read_text())
     assert saved["budgets"]["SD-Zero (Phase 2)"]["phases"]["phase2/rollout"]["generations"] == 16
     assert saved["budgets"]["SD-Zero (Phase 2)"]["phases"]["phase1/init"]["generations"] == 8
-    assert "| SD-Zero (Phase 2) |" in (out / "results.md").read_text()
+    results = (out / "results.md").read_text()
+    assert "| SD-Zero (Phase 2) |" in results and "correction rate: share of wrong answers" in results
+    assert "can go DOWN" in results and summary["legend"] in results  # the legend is printed and saved
     assert list((out / "sdzero").rglob("self_localization/step_*/data.json"))
+    printed = capsys.readouterr().out
+    for banner in ("Phase 1 of 2: Self-Revision Training (SRT)", "Phase 2 of 2: SD-Zero, on-policy self-distillation",
+                   "Evaluation 1 of 3: base = ", "Evaluation 2 of 3: SRT (Phase 1) = ",
+                   f"Evaluation 3 of 3: SD-Zero (Phase 2) = {out / 'sdzero' / 'hf_model'}"):
+        assert banner in printed, banner
     # a second run reuses every finished step: nothing is trained or evaluated again
     monkeypatch.setattr(demo, "cli", lambda *a, **k: pytest.fail("a finished step was run again"))
     assert demo.run(args)["results"] == summary["results"]
+    assert f"finished before: reusing {out / 'srt' / 'hf_model'}" in capsys.readouterr().out

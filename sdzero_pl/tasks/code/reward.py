@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from sdzero_pl.data.questions import Question, QuestionSource
 from sdzero_pl.tasks.base import RewardBatch, Verifier
 from sdzero_pl.tasks.code import sandbox as sb
-from sdzero_pl.tasks.code.data import load_code_questions
+from sdzero_pl.tasks.code.data import STATEMENTS, load_code_questions
 from sdzero_pl.tasks.code.mounts import check_hide_paths
 from sdzero_pl.tasks.code.worker import VerifierProcess, VerifierProcessDied, probe_message
 
@@ -117,6 +117,8 @@ class CodeReward(Verifier):
         uid_count: int = 512,
         hide_paths: Sequence[str] = (),
         on_probe_failure: str = "error",
+        statement: str = "column",
+        private_tests_field: str | None = None,
     ) -> None:
         """
         Args:
@@ -147,6 +149,11 @@ class CodeReward(Verifier):
             on_probe_failure: what happens when the verifier process's start-up check (a correct C++ and a correct
                 Python program must pass) fails: ``"error"`` refuses to verify (every call raises, naming the
                 language and the error), ``"warn"`` logs that once and verifies anyway (that language then scores 0).
+            statement: how x is read: "column" (``--data.questions.question_field`` as it is) or "codeforces" (the
+                bare statement rebuilt from codeforces-cots' description / format / examples / note columns; its
+                ``prompt`` column is R1's whole prompt, instructions included).
+            private_tests_field: a second tests column (LiveCodeBench ``private_test_cases``: JSON or
+                base64+zlib+pickle, decoded); null: only the answer column's tests are run.
         """
         for name, value in (("time_limit_s", time_limit_s), ("compile_timeout_s", compile_timeout_s),
                             ("program_timeout_s", program_timeout_s), ("compile_memory_mb", compile_memory_mb)):
@@ -156,6 +163,9 @@ class CodeReward(Verifier):
             raise ValueError(f"`num_workers` must be >= 1, got {num_workers}")
         if on_probe_failure not in ("error", "warn"):
             raise ValueError(f"`on_probe_failure` must be 'error' or 'warn', got {on_probe_failure!r}")
+        if statement not in STATEMENTS:
+            raise ValueError(f"`statement` must be one of {STATEMENTS}, got {statement!r}")
+        self.statement, self.private_tests_field = statement, private_tests_field
         self.hide_paths = check_hide_paths(hide_paths)
         self.on_probe_failure = on_probe_failure
         self.limits = sb.Limits(time_limit_s, memory_mb, file_size_mb, scratch_mb, max_output_bytes, max_processes)
@@ -209,7 +219,8 @@ class CodeReward(Verifier):
                              f"{source.solution_field!r}")
         question, answer, id_ = self.columns(source)
         return load_code_questions(source.dataset, split=source.split, config=source.dataset_config,
-                                   prompt_field=question, tests_field=answer, id_field=id_)
+                                   prompt_field=question, tests_field=answer, id_field=id_, statement=self.statement,
+                                   private_tests_field=self.private_tests_field)
 
     def __call__(
         self, completions: Sequence[str], answers: Sequence[Any], languages: Sequence[str | None] | None = None
