@@ -191,6 +191,36 @@ def generate_split(split: str, n: int, seed: int = 0, settings: TaskSettings | N
     return [next(stream) for _ in range(n)]
 
 
+# The problems the shipped base model (checkpoints/tiny-arith, scripts/train_tiny_base.py defaults) trained on: the
+# first 40,000 of the train split at seed 0. Phase 1, Phase 2 and the held-out set own other hash splits.
+BASE_TRAINING = ("train", 0, 40_000)
+VALIDATION_SEED = 2_000_003  # not the base model's own model-selection stream (seed + 1_000_003)
+
+
+def generate_validation(n: int, seed: int = 0, settings: TaskSettings | None = None,
+                        base_training: tuple[str, int, int] = BASE_TRAINING) -> list[Problem]:
+    """``n`` validation problems for tuning the methods of a comparison, disjoint from every other question set.
+
+    They come from the ``train`` split (so their arithmetic is never that of a phase1, phase2 or held-out problem,
+    which own other hash buckets), drawn with another seed, minus every problem whose ARITHMETIC (start value,
+    operations, operands: its worked solution) the base model trained on (``base_training`` = split, seed, count;
+    default the shipped model's): not only the same text, but no re-worded copy either. Ids are
+    ``arith-validation-<seed>-<i>``; the held-out, phase1 and phase2 sets are unchanged by it."""
+    if n < 0:
+        raise ValueError(f"`n` must be >= 0, got {n}")
+    split, base_seed, count = base_training
+    seen = {p.solution for p in generate_split(split, count, base_seed, settings)}
+    out: list[Problem] = []
+    for problem in iter_problems("train", seed + VALIDATION_SEED, settings):
+        if len(out) == n:
+            break
+        if problem.solution not in seen:
+            seen.add(problem.solution)  # one wording per arithmetic within the validation set too
+            out.append(Problem(f"arith-validation-{seed}-{len(out)}", problem.problem, problem.answer,
+                               problem.solution))
+    return out
+
+
 def write_jsonl(problems: list[Problem], path: str | Path) -> Path:
     """One ``{"id", "problem", "answer", "solution"}`` row per line."""
     path = Path(path)
@@ -401,13 +431,18 @@ class ArithmeticReward(MathReward):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a split of the arithmetic word-problem task as JSONL.")
-    parser.add_argument("--split", required=True, choices=SPLITS)
+    parser.add_argument("--split", required=True, choices=(*SPLITS, "validation"),
+                        help="a hash split, or 'validation' (train split, another seed, minus the base model's "
+                             "training arithmetic: see generate_validation)")
     parser.add_argument("--n", type=int, required=True, help="number of problems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output .jsonl path")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    path = write_jsonl(generate_split(args.split, args.n, args.seed, settings_from_args(args)), args.out)
+    settings = settings_from_args(args)
+    problems = (generate_validation(args.n, args.seed, settings) if args.split == "validation"
+                else generate_split(args.split, args.n, args.seed, settings))
+    path = write_jsonl(problems, args.out)
     print(f"wrote {args.n} {args.split} problems to {path}")
 
 
