@@ -110,6 +110,12 @@ def finished(args: argparse.Namespace, step: Step) -> bool:
     """A step is finished when its output directory is complete (the one check the demo uses too)."""
     if step.kind == "premise":
         return is_complete(premise_dir(args, step.seed, step.method))
+    if step.kind == "train" and step.point is None and args.tune_plan and step.method in args.tune_plan.sizes:
+        # a tuned final run counts only once its grid is scored and it was trained with the setting chosen there
+        if not all(finished(args, s) for s in needs(step, args.tune_plan) if s.point is not None):
+            return False
+        return (is_complete(export_dir(args, step.seed, step.method))
+                and recorded_setting(args, step.seed, step.method) == str(chosen(args, step.method)))
     return is_complete(export_dir(args, step.seed, step.method, step.point) if step.kind == "train"
                        else eval_dir(args, step.seed, step.method, step.point))
 
@@ -174,9 +180,23 @@ def tuning_summary(args: argparse.Namespace) -> dict:
 DATASET = {"srt": "phase1", "sdzero": "phase2", "control": "phase2"}  # demo: the rest train on data/train.jsonl
 
 
+def recorded_setting(args: argparse.Namespace, seed: int, method: str) -> str | None:
+    """The tuned setting a final run was trained with (``<run>/setting.json``), None when it has none."""
+    path = run_dir(args, seed, method) / "setting.json"
+    return json.loads(path.read_text())["setting"] if path.exists() else None
+
+
 def train(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> None:
-    """One training run (a grid point when ``point`` is given) with the setting's grid flags, then the user's."""
+    """One training run (a grid point when ``point`` is given) with the setting's grid flags, then the user's. A
+    tuned final run records its setting; a finished one trained with another setting is an error, not reused."""
     extra = [*setting_flags(args, method, point), *method_args(args, method)]
+    picked = chosen(args, method) if point is None else None
+    if picked is not None:
+        directory, recorded = run_dir(args, seed, method), recorded_setting(args, seed, method)
+        if is_complete(directory / "hf_model") and recorded != str(picked):
+            raise ValueError(f"{directory} was trained with setting {recorded or 'none recorded (not tuned)'}, "
+                             f"validation now chooses {picked}: delete {directory} to train it with that setting")
+        atomic_write_json(directory / "setting.json", {"setting": str(picked), "flags": list(picked.flags)})
     if method not in START:
         start = args.base
     elif point is not None:  # a grid point starts from the start method's chosen grid point (tuning seed)
