@@ -102,7 +102,7 @@ def judge(method: str, measured: dict | None) -> dict:
     if method in STATED:
         return {"holds": None, "check": STATED[method], "rule": "stated"}
     if measured is None:
-        return {"holds": None, "check": "not measured (the suite has no validation split)",
+        return {"holds": None, "check": "not measured (--no-premises, or a suite without a validation split)",
                 "rule": RULES.get(method, "none")}
     if method in TEACHER_CONTEXT:
         teacher, student = measured["teacher_acc"], measured["student_acc"]
