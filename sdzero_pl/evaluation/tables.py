@@ -37,8 +37,8 @@ def comparison_table(summary: dict) -> str:
         if checked:
             tests.append(premise_cell(row.get("premise")))
         lines.append(f"| {mark(row['label'], row.get('premise'))} | {_points(row[f'avg@{k}'])} | "
-                     f"{_points(row[f'pass@{k}'])} | {row['len_mean']['mean']:.1f} | {row['generations']['mean']:,.0f} | "
-                     f"{row['tokens']['mean']:,.0f} | " + " | ".join(tests) + " |")
+                     f"{_points(row[f'pass@{k}'])} | {row['len_mean']['mean']:.1f} | "
+                     f"{row['generations']['mean']:,.0f} | {row['tokens']['mean']:,.0f} | " + " | ".join(tests) + " |")
     questions = max((r[f"vs_{ref}"]["questions"] for r in rows.values() if f"vs_{ref}" in r), default=0)
     test = (f"the hierarchical bootstrap resamples seeds, then {questions} held-out questions, {n:,} times (its "
             f"interval: 2.5th-97.5th percentile); p (seed means): two-sided paired t-test over the seed-level mean "

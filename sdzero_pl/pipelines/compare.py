@@ -1,6 +1,6 @@
 """The paper's comparison table (docs/method.md, "Results", Table 1) in one command, over several seeds.
 
-    python -m sdzero_pl.compare [--out runs/compare] [--seeds 0 1 2] [--methods base rft grpo ...]
+    python -m sdzero_pl.compare [--out runs/compare] [--seeds 0 1 2 3 4] [--methods base rft grpo ...]
                                 [--suite demo|qwen] [--jobs N] [--k 4] [--threads 1] [--<method>-arg FLAG ...]
                                 [--tune [--tune-shape 3x3] [--tune-seed 1000] [--tune-questions N]]
                                 [--premise-questions 200 | --no-premises]
@@ -334,7 +334,8 @@ def collect(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sdzero_pl.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default runs/compare)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="training seeds of the final table (default 0 1 2 3 4: the seed-level tests need several)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods, rows of the table (default all; sdzero and control need srt)")
     parser.add_argument("--suite", choices=tuple(SUITES), default="demo",

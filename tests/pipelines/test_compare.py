@@ -222,7 +222,8 @@ def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp
     (tmp_path / "seed0" / "rft" / "setting.json").write_text(json.dumps({"setting": "lr=9, epochs=1", "flags": []}))
     assert compare.main([*argv, "--rft-arg=--data.questions.num_questions=4"]) == 1
     assert "seed 0 rft train failed" in capsys.readouterr().out
-    assert "was trained with setting lr=9, epochs=1, validation now chooses" in (tmp_path / "seed0" / "rft.log").read_text()
+    log = (tmp_path / "seed0" / "rft.log").read_text()
+    assert "was trained with setting lr=9, epochs=1, validation now chooses" in log
 
 
 def test_parallel_workers_run_steps_in_their_own_processes_and_logs(tmp_path, monkeypatch, capsys):
