@@ -30,6 +30,7 @@ from sdzero_pl.core.models import load_model, load_tokenizer
 from sdzero_pl.core.prompts import encode_prompts, stop_token_ids
 from sdzero_pl.data.questions import Question, QuestionSource
 from sdzero_pl.evaluation.probe import probe, summarize
+from sdzero_pl.evaluation.stats import format_p, sign_flip_test
 from sdzero_pl.phase2.onpolicy import teacher_question
 from sdzero_pl.rollout import HFRollout
 from sdzero_pl.tasks import Verifier
@@ -82,9 +83,13 @@ def probe_check(report: dict) -> dict:
 
 
 def mean_over_seeds(measured: Sequence[dict]) -> dict:
-    """Each numeric field averaged over the seeds that have it (None where none has); counts are summed."""
+    """Each numeric field averaged over the seeds that have it (None where none has); counts are summed; the
+    per-answer differences ``wrong_diffs`` are pooled over seeds into one paired sign-flip test (``paired_p``)."""
     out = {}
-    for key in measured[0]:
+    if any("wrong_diffs" in m for m in measured):
+        pooled = [d for m in measured for d in m.get("wrong_diffs", [])]
+        out["paired_p"] = sign_flip_test(pooled) if pooled else None
+    for key in (k for k in measured[0] if k != "wrong_diffs"):
         values = [m[key] for m in measured if isinstance(m.get(key), (int, float)) and not isinstance(m[key], bool)]
         if key in ("questions", "wrong", "right"):
             out[key] = sum(values)
@@ -112,7 +117,8 @@ def judge(method: str, measured: dict | None) -> dict:
                 "check": f"teacher with the {what} {_pct(teacher)}% vs student {_pct(student)}% "
                          f"({measured['questions']} questions)"}
     p0, p1 = measured["wrong_acc_P0"], measured["wrong_acc_P1"]
-    check = (f"reviser after wrong answers: P_0 {_pct(p0)}% vs P_1 {_pct(p1)}% ({measured['wrong']} answers); "
+    paired = "" if measured.get("paired_p") is None else f", paired sign-flip p = {format_p(measured['paired_p'])}"
+    check = (f"reviser after wrong answers: P_0 {_pct(p0)}% vs P_1 {_pct(p1)}% ({measured['wrong']} answers{paired}); "
              f"after right answers: P_1 {_pct(measured['right_acc_P1'])}%; teacher KL(true P_r || opposite P_r) "
              f"per token: wrong {_num(measured['kl_wrong'])} vs right {_num(measured['kl_right'])}")
     if method == "control":
@@ -165,7 +171,12 @@ def measure(kind: str, model_dir: str, questions_path: str, *, reward: Verifier,
                                 max_new_tokens=max_new_tokens, seed=seed)
     if kind != "reviser":
         raise ValueError(f"premise kind must be demonstration | answer | reviser, got {kind!r}")
-    report = summarize(probe(model, tokenizer, questions, reward=reward, phrases=phrases, instruction=instruction,
-                             system_prompt=system_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
-                             seed=seed))
-    return {**probe_check(report), "probe": report}
+    probed = probe(model, tokenizer, questions, reward=reward, phrases=phrases, instruction=instruction,
+                   system_prompt=system_prompt, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    return {**probe_check(summarize(probed)), "wrong_diffs": wrong_diffs(probed), "probe": summarize(probed)}
+
+
+def wrong_diffs(probed) -> list[float]:
+    """Per wrong answer revised after both phrases: reward after P_0 minus after P_1 (the paired test's input)."""
+    return [p.revision_rewards["0"] - p.revision_rewards["1"] for p in probed
+            if p.reward < 0.5 and p.revision_rewards.get("0") is not None and p.revision_rewards.get("1") is not None]

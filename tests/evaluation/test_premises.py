@@ -91,3 +91,11 @@ def test_sdft_teacher_and_student_accuracy_on_the_tiny_model(one_thread):
     assert measured["questions"] == 6 and measured["context"] == "demonstration"
     for key in ("teacher_acc", "student_acc"):
         assert 0.0 <= measured[key] <= 1.0 and not math.isnan(measured[key])
+
+
+def test_wrong_answer_differences_are_pooled_over_seeds_into_one_paired_test():
+    seeds = [{**_probe(0.5, 0.0), "wrong_diffs": [1.0] * 5}, {**_probe(0.5, 0.0), "wrong_diffs": [1.0] * 5 + [0.0]}]
+    mean = premises.mean_over_seeds(seeds)
+    assert mean["paired_p"] == 2 / 2**10 and "wrong_diffs" not in mean  # 10 nonzero: exact, 2 of 1,024 flips
+    assert "paired sign-flip p = 0.00195" in premises.judge("sdzero", mean)["check"]
+    assert "paired_p" not in premises.mean_over_seeds([_probe(0.5, 0.0)])
