@@ -10,8 +10,9 @@ whose premise fails (``python -m sdzero_pl.compare`` runs the measurements; docs
 * SD-Zero: the reviser (the SRT model, Phase 2's teacher at step 0) must read the reward phrase P_r. Measured by the
   probe (:mod:`sdzero_pl.evaluation.probe`) on the SRT model: the reviser's accuracy after wrong answers with P_0
   ("start over") and with P_1 ("rephrase"), after right answers with P_1, and the teacher's mean per-token
-  KL(true P_r || opposite P_r) on wrong vs right answers. **Fails** when P_0's revision accuracy after wrong
-  answers is not above P_1's (the phrase the reward picks makes no better revision than the other one).
+  KL(true P_r || opposite P_r) on wrong vs right answers. **Fails** unless P_0's revision accuracy after wrong
+  answers is above P_1's by a paired sign-flip test at p < 0.05 (each wrong answer is revised after both phrases;
+  the differences are pooled over seeds): the phrase the reward picks must make better revisions than the other.
 * The control (shuffled reward): its premise is to have none: it is SD-Zero's training with the signal removed;
   it shares SD-Zero's reviser (the same SRT model), whose probe it shows.
 * RFT, GRPO: the base model solves some training questions (without any correct sample there is nothing to keep or
@@ -44,7 +45,8 @@ STATED = {
 RULES = {
     "sdft": "fails when the teacher's accuracy with the demonstration <= the student's",
     "sdft_answer": "fails when the teacher's accuracy with the final answer <= the student's",
-    "sdzero": "fails when the reviser's accuracy after wrong answers with P_0 is not above with P_1",
+    "sdzero": "fails unless the reviser's accuracy after wrong answers is higher with P_0 than with P_1, by a paired "
+              "sign-flip test over those answers at p < 0.05 (the point estimates when no paired data)",
 }
 TEACHER_CONTEXT = {"sdft": "demonstration", "sdft_answer": "answer"}
 
@@ -124,7 +126,8 @@ def judge(method: str, measured: dict | None) -> dict:
     if method == "control":
         return {"holds": None, "rule": "none (the control removes the signal on purpose)",
                 "check": f"none (a control); its reviser is SD-Zero's: {check}"}
-    holds = None if p0 is None or p1 is None else p0 > p1
+    paired_p = measured.get("paired_p")
+    holds = None if p0 is None or p1 is None else p0 > p1 and (paired_p is None or paired_p < 0.05)
     return {"holds": holds, "rule": RULES["sdzero"], "check": check}
 
 

@@ -98,4 +98,7 @@ def test_wrong_answer_differences_are_pooled_over_seeds_into_one_paired_test():
     mean = premises.mean_over_seeds(seeds)
     assert mean["paired_p"] == 2 / 2**10 and "wrong_diffs" not in mean  # 10 nonzero: exact, 2 of 1,024 flips
     assert "paired sign-flip p = 0.00195" in premises.judge("sdzero", mean)["check"]
+    assert premises.judge("sdzero", mean)["holds"] is True
+    # a higher point estimate that the paired test cannot tell from chance is not a premise shown
+    assert premises.judge("sdzero", {**_probe(0.161, 0.160), "paired_p": 0.789})["holds"] is False
     assert "paired_p" not in premises.mean_over_seeds([_probe(0.5, 0.0)])
