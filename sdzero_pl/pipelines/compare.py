@@ -1,7 +1,9 @@
 """The paper's comparison table (docs/method.md, "Results", Table 1) in one command, over several seeds.
 
-    python -m sdzero_pl.compare [--out runs/compare] [--seeds 0 1 2] [--methods base rft grpo ...]
+    python -m sdzero_pl.compare [--out runs/compare] [--seeds 0 1 2 3 4] [--methods base rft grpo ...]
                                 [--suite demo|qwen] [--jobs N] [--k 4] [--threads 1] [--<method>-arg FLAG ...]
+                                [--tune [--tune-shape 3x3] [--tune-seed 1000] [--tune-questions N]]
+                                [--premise-questions 200 | --no-premises]
 
 For each seed it trains every method on the same questions, evaluates all of them on the same held-out set (every
 sample saved) and writes ``<out>/comparison.md`` / ``comparison.json``: per method the held-out avg@k and pass@k
@@ -23,109 +25,81 @@ where it stopped. ``--jobs N`` runs independent steps as N worker
 processes (``python -m sdzero_pl.compare ... --only-step SEED:METHOD:KIND``); a failing step is reported with its
 log, the others go on, and the table is written once every step has succeeded.
 
-Significance: per held-out question the accuracy (fraction of its k samples correct) averaged over seeds; the
-paired differences (method - SD-Zero) go to a two-sided sign-flip permutation test (:func:`sign_flip_test`).
+Tuning (``--tune``, suites with a validation split): every method's grid (:mod:`sdzero_pl.pipelines.tuning`, the
+suite's ``grids``: learning rate x epochs / Phase-2 steps / GRPO updates per rollout batch, centred on the
+shipped config) is trained on ``--tune-seed`` and scored on the validation split only (same k, same sampler); the
+best point by validation avg@k is chosen and the final runs use it on every seed, each evaluated on the held-out set
+once. SD-Zero's and the control's grid points start from the SRT point chosen on validation, their final runs from
+that seed's final SRT model. Layout: ``<out>/tune/seed<t>/<method>/p<i>/`` (``hf_model``, ``eval/validation``), logs
+``<out>/tune/seed<t>/<method>-p<i>.log``; the table adds each row's chosen setting and a tuning table (every point's
+validation score).
+
+Premises (suites with a validation split, unless ``--no-premises``): per seed the reviser probe of that seed's SRT
+model and, for SDFT, its teacher against its student (:mod:`sdzero_pl.evaluation.premises`), in
+``<out>/seed<s>/<method>/premise/``; a row whose premise fails is marked in the table.
+
+Significance: per held-out question the accuracy (fraction of its k samples correct); three paired tests against
+SD-Zero (:func:`~sdzero_pl.evaluation.stats.paired_comparison`): a hierarchical bootstrap over seeds and questions
+(interval and p), a t-test over the seed-level means, and a sign-flip test over questions (accuracy averaged over
+seeds). p-values no resample reached print as "< 1/N".
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import random
 import subprocess
 import sys
-import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
 from sdzero_pl.cli import main as cli
 from sdzero_pl.core.artifacts import atomic_write_json, atomic_write_text, is_complete
 from sdzero_pl.evaluation.stats import mean_std, paired_comparison, question_accuracy
-from sdzero_pl.pipelines import demo
+from sdzero_pl.evaluation.tables import comparison_table, json_safe
+from sdzero_pl.pipelines import demo, scheduler, tuning
+from sdzero_pl.pipelines.compare_plan import (
+    KIND_OF_PREMISE, KINDS, LABELS, METHODS, REFERENCE, START, Step, TunePlan, needs, plan
+)
+from sdzero_pl.pipelines.compare_premises import premise_methods, premise_verdicts, run_premise
+from sdzero_pl.pipelines.compare_suites import CONFIGS, DATA_DIRS, DEMO_GRIDS, SUITES, Suite
+from sdzero_pl.pipelines.scheduler import redirected
 
-METHODS = ("base", "rft", "grpo", "sdft", "sdft_answer", "srt", "sdzero", "control")
-LABELS = {"base": "base", "rft": "RFT", "grpo": "GRPO", "sdft": "SDFT", "sdft_answer": "SDFT (final answer only)",
-          "srt": "SRT (Phase 1)", "sdzero": "SD-Zero", "control": "control (shuffled reward)"}
-START = {"sdzero": "srt", "control": "srt"}  # trained from another method's model; the rest start from the base
-REFERENCE = "sdzero"
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DATA_DIRS = {"srt": "srt_data", "rft": "rft_data", "grpo": "grpo_data"}  # methods whose data module writes files
-
-
-@dataclass(frozen=True)
-class Suite:
-    base: str
-    k: int
-    configs: dict[str, tuple[Path, tuple[str, ...]]]  # method -> (config, fixed flags)
-    eval_config: Path
-
-
-SUITES = {
-    "demo": Suite("checkpoints/tiny-arith", 4, {m: (CONFIGS / "demo" / f"{m}.yaml", ()) for m in METHODS[1:]},
-                  CONFIGS / "demo" / "eval.yaml"),
-    "qwen": Suite("Qwen/Qwen3-4B-Instruct-2507", 8, {
-        "rft": (CONFIGS / "qwen_rft.yaml", ()), "grpo": (CONFIGS / "qwen_grpo.yaml", ()),
-        "sdft": (CONFIGS / "qwen_sdft.yaml", ()),
-        "sdft_answer": (CONFIGS / "qwen_sdft.yaml", ("--data.teacher_context=answer",)),
-        "srt": (CONFIGS / "qwen_srt.yaml", ()), "sdzero": (CONFIGS / "qwen.yaml", ()),
-        "control": (CONFIGS / "qwen_sdzero_control.yaml", ())}, CONFIGS / "eval" / "qwen.yaml"),
-}
-
-
-# ----------------------------------------------------------------------------------------------------- steps
-@dataclass(frozen=True)
-class Step:
-    seed: int
-    method: str
-    kind: str  # "train" | "eval"
-
-    def __str__(self) -> str:
-        return f"{self.seed}:{self.method}:{self.kind}"
-
-    @classmethod
-    def parse(cls, text: str) -> Step:
-        parts = text.split(":")
-        if (len(parts) != 3 or not parts[0].isdigit() or parts[1] not in METHODS or parts[2] not in ("train", "eval")
-                or parts[1:] == ["base", "train"]):
-            raise ValueError(f"`--only-step` must be SEED:METHOD:KIND (KIND train | eval; base has no train), "
-                             f"got {text!r}")
-        return cls(int(parts[0]), parts[1], parts[2])
-
-
-def plan(methods: Sequence[str], seeds: Sequence[int]) -> list[Step]:
-    """Every step, in the order they are started: training first, SRT's first of all (two methods wait on it)."""
-    order = sorted(methods, key=lambda m: (m != "srt", METHODS.index(m)))
-    return ([Step(s, m, "train") for m in order if m != "base" for s in seeds]
-            + [Step(s, m, "eval") for m in order for s in seeds])
-
-
-def needs(step: Step) -> list[Step]:
-    if step.kind == "eval":
-        return [] if step.method == "base" else [Step(step.seed, step.method, "train")]
-    return [Step(step.seed, START[step.method], "train")] if step.method in START else []
+__all__ = ["CONFIGS", "DEMO_GRIDS", "KINDS", "KIND_OF_PREMISE", "LABELS", "METHODS", "REFERENCE", "START", "SUITES",
+           "Step", "Suite", "TunePlan", "needs", "plan", "main"]
 
 
 def seed_dir(args: argparse.Namespace, seed: int) -> Path:
     return args.out / f"seed{seed}"
 
 
-def export_dir(args: argparse.Namespace, seed: int, method: str) -> Path:
-    return seed_dir(args, seed) / method / "hf_model"
+def run_dir(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> Path:
+    """``<out>/seed<s>/<method>``; a grid point: ``<out>/tune/seed<s>/<method>/p<i>``."""
+    if point is None:
+        return seed_dir(args, seed) / method
+    return args.out / "tune" / f"seed{seed}" / method / f"p{point}"
 
 
-def eval_dir(args: argparse.Namespace, seed: int, method: str) -> Path:
-    return seed_dir(args, seed) / method / "eval" / "heldout"
+def export_dir(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> Path:
+    return run_dir(args, seed, method, point) / "hf_model"
+
+
+def eval_dir(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> Path:
+    return run_dir(args, seed, method, point) / "eval" / ("heldout" if point is None else "validation")
+
+
+def premise_dir(args: argparse.Namespace, seed: int, method: str) -> Path:
+    return run_dir(args, seed, method) / "premise"
 
 
 def log_path(args: argparse.Namespace, step: Step) -> Path:
-    return seed_dir(args, step.seed) / f"{step.method}.log"
+    if step.point is not None:
+        return run_dir(args, step.seed, step.method, step.point).parent.parent / f"{step.method}-p{step.point}.log"
+    return seed_dir(args, step.seed) / f"{step.method}{'-premise' if step.kind == 'premise' else ''}.log"
 
 
 def sample_files(directory: Path) -> list[Path]:
@@ -134,14 +108,23 @@ def sample_files(directory: Path) -> list[Path]:
 
 def finished(args: argparse.Namespace, step: Step) -> bool:
     """A step is finished when its output directory is complete (the one check the demo uses too)."""
-    return is_complete(export_dir(args, step.seed, step.method) if step.kind == "train"
-                       else eval_dir(args, step.seed, step.method))
+    if step.kind == "premise":
+        return is_complete(premise_dir(args, step.seed, step.method))
+    if step.kind == "train" and step.point is None and args.tune_plan and step.method in args.tune_plan.sizes:
+        # a tuned final run counts only once its grid is scored and it was trained with the setting chosen there
+        if not all(finished(args, s) for s in needs(step, args.tune_plan) if s.point is not None):
+            return False
+        return (is_complete(export_dir(args, step.seed, step.method))
+                and recorded_setting(args, step.seed, step.method) == str(chosen(args, step.method)))
+    return is_complete(export_dir(args, step.seed, step.method, step.point) if step.kind == "train"
+                       else eval_dir(args, step.seed, step.method, step.point))
 
 
 def demo_questions(out: Path) -> dict[str, Path]:
-    """The demo's splits plus ``train``: phase1 + phase2 shuffled once (seed 0), the baselines' question pool, so
-    any prefix of it mixes both. Existing files are kept (written aside and renamed, as the demo's)."""
-    paths = demo.write_questions(out, demo.SPLIT_SIZES)
+    """The demo's splits, the validation split (:func:`~sdzero_pl.tasks.arithmetic.generate_validation`: tuning and
+    premises) plus ``train``: phase1 + phase2 shuffled once (seed 0), the baselines' question pool, so any prefix
+    of it mixes both. Existing files are kept (written aside and renamed, as the demo's)."""
+    paths = demo.write_questions(out, {**demo.SPLIT_SIZES, "validation": demo.VALIDATION_SIZE})
     union = out / "data" / "train.jsonl"
     if not union.exists():
         rows = [line for split in ("phase1", "phase2") for line in paths[split].read_text().splitlines() if line]
@@ -157,63 +140,115 @@ def method_args(args: argparse.Namespace, method: str) -> list[str]:
     return [*(args.sdzero_arg if method == "control" else []), *getattr(args, f"{method}_arg")]
 
 
-def train(args: argparse.Namespace, seed: int, method: str) -> None:
-    out, extra = seed_dir(args, seed), method_args(args, method)
-    start = str(export_dir(args, seed, START[method])) if method in START else args.base
+# ------------------------------------------------------------------------------------------------ tuning
+def grid(args: argparse.Namespace, method: str) -> list[tuning.Point]:
+    return tuning.points(SUITES[args.suite].grids[method], args.tune_shape)
+
+
+def validation_score(args: argparse.Namespace, method: str, point: int) -> float:
+    saved = json.loads((eval_dir(args, args.tune_seed, method, point) / "eval_val.json").read_text())
+    return saved["results"]["average"][f"avg@{args.k}"]
+
+
+def chosen(args: argparse.Namespace, method: str) -> tuning.Point | None:
+    """The grid point chosen on validation (None when ``method`` is not tuned); its grid must be evaluated."""
+    if args.tune_plan is None or method not in args.tune_plan.sizes:
+        return None
+    points = grid(args, method)
+    return points[tuning.choose(points, [validation_score(args, method, p.index) for p in points])]
+
+
+def setting_flags(args: argparse.Namespace, method: str, point: int | None) -> list[str]:
+    """The grid flags of a grid point, or of the chosen point for a final run (none when not tuned)."""
+    picked = grid(args, method)[point] if point is not None else chosen(args, method)
+    return list(picked.flags) if picked else []
+
+
+def tuning_summary(args: argparse.Namespace) -> dict:
+    out = {}
+    for method in args.tune_plan.sizes if args.tune_plan else ():
+        points = grid(args, method)
+        scores = [validation_score(args, method, p.index) for p in points]
+        out[method] = {"seed": args.tune_seed, "questions": args.tune_questions, "shape": args.tune_shape,
+                       "chosen": tuning.choose(points, scores), "rule": tuning.TIE_RULE,
+                       "points": [{"setting": str(p), "flags": list(p.flags), "distance": p.distance, "score": s}
+                                  for p, s in zip(points, scores)]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ one step
+DATASET = {"srt": "phase1", "sdzero": "phase2", "control": "phase2"}  # demo: the rest train on data/train.jsonl
+
+
+def recorded_setting(args: argparse.Namespace, seed: int, method: str) -> str | None:
+    """The tuned setting a final run was trained with (``<run>/setting.json``), None when it has none."""
+    path = run_dir(args, seed, method) / "setting.json"
+    return json.loads(path.read_text())["setting"] if path.exists() else None
+
+
+def train(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> None:
+    """One training run (a grid point when ``point`` is given) with the setting's grid flags, then the user's. A
+    tuned final run records its setting; a finished one trained with another setting is an error, not reused."""
+    extra = [*setting_flags(args, method, point), *method_args(args, method)]
+    picked = chosen(args, method) if point is None else None
+    if picked is not None:
+        directory, recorded = run_dir(args, seed, method), recorded_setting(args, seed, method)
+        if is_complete(directory / "hf_model") and recorded != str(picked):
+            raise ValueError(f"{directory} was trained with setting {recorded or 'none recorded (not tuned)'}, "
+                             f"validation now chooses {picked}: delete {directory} to train it with that setting")
+        atomic_write_json(directory / "setting.json", {"setting": str(picked), "flags": list(picked.flags)})
+    if method not in START:
+        start = args.base
+    elif point is not None:  # a grid point starts from the start method's chosen grid point (tuning seed)
+        start = str(export_dir(args, seed, START[method], chosen(args, START[method]).index))
+    else:
+        start = str(export_dir(args, seed, START[method]))
     if args.suite == "demo":
-        questions = demo_questions(args.out)
-        if method == "srt":
-            demo.run_phase1(out, args.base, questions["phase1"], seed, extra)
-            return
-        if method == "sdzero":
-            demo.run_phase2(out, Path(start), questions["phase2"], seed, extra)
-            return
-        extra = [f"--data.questions.dataset={questions['phase2' if method in START else 'train']}", *extra]
+        extra = [f"--data.questions.dataset={demo_questions(args.out)[DATASET.get(method, 'train')]}", *extra]
     config, fixed = SUITES[args.suite].configs[method]
-    run_dir = out / method
-    data_dir = [f"--data.output_dir={run_dir / DATA_DIRS[method]}"] if method in DATA_DIRS else []
-    demo.fit(config, run_dir, start, seed, [*fixed, *data_dir, *extra])
+    directory = run_dir(args, seed, method, point)
+    data_dir = [f"--data.output_dir={directory / DATA_DIRS[method]}"] if method in DATA_DIRS else []
+    demo.fit(config, directory, start, seed, [*fixed, *data_dir, *extra])
 
 
-def evaluate(args: argparse.Namespace, seed: int, method: str) -> None:
-    directory = eval_dir(args, seed, method)
-    model = args.base if method == "base" else str(export_dir(args, seed, method))
+def evaluate(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> None:
+    """Held-out evaluation of a final run, or validation evaluation of a grid point (same k and sampler)."""
+    directory = eval_dir(args, seed, method, point)
+    model = args.base if method == "base" else str(export_dir(args, seed, method, point))
     flags = [f"--model.num_samples={args.k}", f"--model.pass_k={sorted({1, args.k})}", "--model.save_samples=true",
-             *args.eval_arg]
+             *args.eval_arg, *([f"--data.max_questions={args.tune_questions}"] if point is not None else [])]
     if args.suite == "demo":  # <seed>/<method>/eval/heldout; generate-then-revise is the demo's, not this table's
-        demo.evaluate(directory.parent.parent, directory.name, model, demo_questions(args.out)["heldout"], seed,
-                      ["--model.revise=false", *flags])
+        split = "heldout" if point is None else "validation"
+        overrides = [] if point is None else ['--data.benchmark_overrides={"validation": {"id_field": "id"}}']
+        demo.evaluate(directory.parent.parent, directory.name, model, demo_questions(args.out)[split], seed,
+                      ["--model.revise=false", *overrides, *flags])
+    elif point is not None:
+        raise ValueError(f"`--suite {args.suite}` has no validation split to evaluate grid points on")
     elif not is_complete(directory):
         cli(["validate", "--config", str(SUITES[args.suite].eval_config), f"--seed_everything={seed}",
              f"--model.model_name_or_path={model}", f"--model.results_dir={directory}", f"--model.seed={seed}",
              f"--trainer.default_root_dir={directory}", *flags])
 
 
+def premise(args: argparse.Namespace, seed: int, method: str) -> None:
+    """``srt``: the reviser probe of this seed's SRT model (with Phase 2's phrases); ``sdft`` / ``sdft_answer``: its
+    teacher vs its student on the base model. On the first ``--premise-questions`` validation questions."""
+    suite = SUITES[args.suite]
+    config = suite.configs["sdzero" if method == "srt" else method][0]
+    model = str(export_dir(args, seed, "srt")) if method == "srt" else args.base
+    run_premise(method, model, demo_questions(args.out)["validation"], config, suite.eval_config,
+                premise_dir(args, seed, method), args.premise_questions, seed)
+
+
 def run_step(args: argparse.Namespace, step: Step) -> None:
     torch.set_num_threads(args.threads)
-    (train if step.kind == "train" else evaluate)(args, step.seed, step.method)
+    if step.kind == "premise":
+        premise(args, step.seed, step.method)
+    else:
+        (train if step.kind == "train" else evaluate)(args, step.seed, step.method, step.point)
 
 
 # ------------------------------------------------------------------------------------------------ scheduling
-@contextlib.contextmanager
-def redirected(log: Path) -> Iterator[None]:
-    """This process's output, Python's and the C libraries', goes to ``log`` (appended) while the block runs."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log, "a", buffering=1) as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
-        os.dup2(handle.fileno(), 1)
-        os.dup2(handle.fileno(), 2)
-        try:
-            yield
-        finally:
-            handle.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-
-
 def run_inline(args: argparse.Namespace, step: Step) -> bool:
     with redirected(log_path(args, step)):
         try:
@@ -234,51 +269,15 @@ def launch(args: argparse.Namespace, step: Step) -> subprocess.Popen:
 
 
 def run_steps(args: argparse.Namespace, steps: list[Step]) -> list[str]:
-    """Runs the unfinished steps, at most ``--jobs`` at a time, each once its inputs exist; returns one line per
-    step that failed or could not run. ``--jobs 1`` runs them in this process (no start-up cost per step)."""
-    pending = [s for s in steps if not finished(args, s)]
-    done, failed, running = set(steps) - set(pending), {}, {}
-    total, count = len(pending), 0
-    print(f"{len(steps)} steps, {len(done)} finished before (reused), {total} to run, {args.jobs} at a time")
+    """Runs the unfinished steps, at most ``--jobs`` at a time (:func:`~sdzero_pl.pipelines.scheduler.run_steps`)."""
+    def describe(step: Step) -> str:
+        where = "" if step.point is None else f" grid point {step.point} ({grid(args, step.method)[step.point]})"
+        return f"seed {step.seed} {step.method}{where} {step.kind}"
 
-    def finish(step: Step, ok: bool, seconds: float | None, why: str = "") -> None:
-        nonlocal count
-        count += 1
-        name, log = f"seed {step.seed} {step.method} {step.kind}", log_path(args, step)
-        if seconds is None:
-            state = f"not run: {why}"
-        else:
-            minutes, secs = divmod(round(seconds), 60)
-            state = f"{'done' if ok else 'FAILED'} in {minutes}m{secs:02d}s (log {log})"
-        print(f"[{count}/{total}] {name}: {state}", flush=True)
-        if ok:
-            done.add(step)
-        else:
-            failed[step] = f"{name} failed: see {log}" if seconds is not None else f"{name} {state}"
-
-    while pending or running:
-        for step in list(pending):
-            broken = [d for d in needs(step) if d in failed]
-            if broken:
-                pending.remove(step)
-                finish(step, False, None, f"{broken[0].method} failed")
-            elif len(running) < args.jobs and all(d in done for d in needs(step)):
-                pending.remove(step)
-                seed_dir(args, step.seed).mkdir(parents=True, exist_ok=True)
-                if args.jobs == 1:
-                    start = time.time()
-                    finish(step, run_inline(args, step), time.time() - start)
-                else:
-                    running[step] = (launch(args, step), time.time())
-        for step, (process, start) in list(running.items()):
-            if process.poll() is not None:
-                del running[step]
-                finish(step, process.returncode == 0, time.time() - start)
-        if running:
-            time.sleep(1.0)
-        elif pending and not any(all(d in done or d in failed for d in needs(s)) for s in pending):
-            raise AssertionError(f"steps wait on steps that never run: {[str(s) for s in pending]}")
-    return list(failed.values())
+    return scheduler.run_steps(steps, jobs=args.jobs, finished=lambda step: finished(args, step),
+                               needs=lambda step: needs(step, args.tune_plan), describe=describe,
+                               log=lambda step: log_path(args, step), run_here=lambda step: run_inline(args, step),
+                               start=lambda step: launch(args, step))
 
 
 # ----------------------------------------------------------------------------------------------------- table
@@ -318,58 +317,25 @@ def collect(args: argparse.Namespace) -> dict:
         if REFERENCE in args.methods and method != REFERENCE:
             row[f"vs_{REFERENCE}"] = paired_comparison([evals[method][s][1] for s in seeds],
                                                        [evals[REFERENCE][s][1] for s in seeds], args.permutations)
+        picked = chosen(args, method)
+        row["setting"] = str(picked) if picked else None
         rows[method] = row
+    measured = {m: [json.loads((premise_dir(args, s, m) / "premise.json").read_text())["measured"] for s in seeds]
+                for m in (premise_methods(args.methods) if args.premises else ())}
+    for method, verdict in premise_verdicts(args.methods, measured).items():
+        rows[method]["premise"] = verdict
     settings = {"suite": args.suite, "seeds": list(seeds), "k": k, "base": args.base, "reference": REFERENCE,
-                "permutations": args.permutations}
-    return {"settings": settings, "rows": rows}
-
-
-def _points(stat: dict) -> str:
-    mean, std = 100 * stat["mean"], 100 * stat["std"]
-    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
-
-
-def comparison_table(summary: dict) -> str:
-    k, rows, ref = summary["settings"]["k"], summary["rows"], summary["settings"]["reference"]
-    seeds = ", ".join(map(str, summary["settings"]["seeds"]))
-    lines = [f"| method | held-out avg@{k} | pass@{k} | mean length | generations | generated tokens | "
-             f"Δ avg@{k} vs {LABELS[ref]} (points) | p |", "|---|---|---|---|---|---|---|---|"]
-    for method, row in rows.items():
-        test = row.get(f"vs_{ref}")
-        diff, p = ((f"{test['mean_diff_points']:+.1f}", f"{test['p_value']:.3g}") if test
-                   else ("reference" if method == ref else "n/a", "n/a"))
-        lines.append(f"| {row['label']} | {_points(row[f'avg@{k}'])} | {_points(row[f'pass@{k}'])} | "
-                     f"{row['len_mean']['mean']:.1f} | {row['generations']['mean']:,.0f} | "
-                     f"{row['tokens']['mean']:,.0f} "
-                     f"| {diff} | {p} |")
-    questions = max((r[f"vs_{ref}"]["questions"] for r in rows.values() if f"vs_{ref}" in r), default=0)
-    test = (f"two-sided paired sign-flip permutation test over {questions} held-out questions of the per-question "
-            f"accuracy (fraction of the {k} samples correct, averaged over seeds), "
-            f"{summary['settings']['permutations']:,} random flips (seed 0), exact when fewer flips exist"
-            if ref in rows else f"n/a ({LABELS[ref]} is not among the methods)")
-    lines += ["", f"Seeds {seeds}; ± = standard deviation over seeds. Generations and tokens: the samples the "
-              f"method trained on (mean over seeds; SD-Zero and the control include Phase 1's). p: {test}."]
-    benchmarks = list(next(iter(rows.values()))["benchmarks"]) if rows else []
-    if len(benchmarks) > 1:  # the paper's per-benchmark columns (Table 1)
-        lines += ["", f"| method | {' | '.join(benchmarks)} |", "|---" * (len(benchmarks) + 1) + "|"]
-        lines += [f"| {row['label']} | " + " | ".join(_points(row["benchmarks"][b]) for b in benchmarks) + " |"
-                  for row in rows.values()]
-    return "\n".join(lines) + "\n"
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
+                "reference_label": LABELS[REFERENCE], "permutations": args.permutations,
+                "premise_questions": args.premise_questions if args.premises else None}
+    return {"settings": settings, "rows": rows, "tuning": tuning_summary(args)}
 
 
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sdzero_pl.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default runs/compare)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="training seeds of the final table (default 0 1 2 3 4: the seed-level tests need several)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods, rows of the table (default all; sdzero and control need srt)")
     parser.add_argument("--suite", choices=tuple(SUITES), default="demo",
@@ -390,9 +356,25 @@ def build_parser() -> argparse.ArgumentParser:
                                  + ("; SD-Zero's apply to the control too" if method == "control" else ""))
     parser.add_argument("--eval-arg", action="append", default=[],
                         help="extra CLI flag for every evaluation (repeatable)")
-    parser.add_argument("--only-step", default=None, metavar="SEED:METHOD:KIND",
-                        help="internal: run one step (KIND train | eval) in this process and exit (what --jobs "
-                             "workers run)")
+    parser.add_argument("--tune", action="store_true",
+                        help="first tune every method on the validation split: each point of its grid (the suite's, "
+                             "centred on its config) trained on --tune-seed and scored by validation avg@k; the final "
+                             "runs use the chosen point (suites with a validation split: demo)")
+    parser.add_argument("--tune-shape", default="3x3",
+                        help="values per grid axis (default 3x3; 2x2, 3x1, ...: the same reduction for every method, "
+                             "centre first, then the value below, then above)")
+    parser.add_argument("--tune-seed", type=int, default=1000,
+                        help="seed of the grid runs and their validation sampling (default 1000; not a final seed)")
+    parser.add_argument("--tune-questions", type=int, default=None,
+                        help="validation questions each grid point is scored on (default: all of them, "
+                             f"{demo.VALIDATION_SIZE} for demo)")
+    parser.add_argument("--premise-questions", type=int, default=demo.VALIDATION_SIZE,
+                        help="validation questions of each premise measurement (SD-Zero's reviser probe, SDFT's "
+                             f"teacher vs student), per seed (default {demo.VALIDATION_SIZE})")
+    parser.add_argument("--no-premises", action="store_true", help="do not measure the premise checks")
+    parser.add_argument("--only-step", default=None, metavar="SEED:METHOD:KIND[:POINT]",
+                        help="internal: run one step (KIND train | eval | premise; POINT: a tuning grid point) in "
+                             "this process and exit (what --jobs workers run)")
     return parser
 
 
@@ -406,6 +388,23 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"`{flag}` must be >= 1, got {value}")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         parser.error(f"`--seeds` must be distinct and >= 0, got {args.seeds}")
+    for flag, value in (("--tune-questions", args.tune_questions), ("--premise-questions", args.premise_questions)):
+        if value is not None and value < 1:
+            parser.error(f"`{flag}` must be >= 1, got {value}")
+    args.tune_questions = args.tune_questions or demo.VALIDATION_SIZE
+    args.premises = suite.validation and not args.no_premises
+    args.tune_plan = None
+    try:
+        args.tune_shape = tuning.parse_shape(args.tune_shape) if isinstance(args.tune_shape, str) else args.tune_shape
+        if args.tune:
+            if not suite.validation:
+                parser.error(f"`--tune`: the {args.suite} suite has no validation split to tune on")
+            if args.tune_seed in args.seeds or args.tune_seed < 0:
+                parser.error(f"`--tune-seed` must be >= 0 and not one of `--seeds` {args.seeds}, got {args.tune_seed}")
+            args.tune_plan = TunePlan(args.tune_seed, {m: len(grid(args, m)) for m in args.methods
+                                                       if m in suite.grids})
+    except ValueError as error:
+        parser.error(str(error))
     for method in args.methods:
         if method in START and START[method] not in args.methods:
             parser.error(f"`--methods`: {method} trains from {START[method]}'s model; add {START[method]}")
@@ -418,15 +417,16 @@ def run(args: argparse.Namespace) -> dict | None:
     torch.set_num_threads(args.threads)
     if args.suite == "demo":
         demo_questions(args.out)  # before any worker starts: they all read the same files
-    failures = run_steps(args, plan(args.methods, args.seeds))
+    failures = run_steps(args, plan(args.methods, args.seeds, args.tune_plan,
+                                    premise_methods(args.methods) if args.premises else ()))
     if failures:
         print(f"\n{len(failures)} step(s) did not finish (the finished ones are kept and reused by the next run):")
         print("\n".join(f"  {line}" for line in failures))
         return None
     summary = collect(args)
-    summary["table"] = comparison_table(summary)
+    summary["table"] = comparison_table(summary) + tuning.tuning_table(summary["tuning"], args.k, LABELS)
     atomic_write_text(args.out / "comparison.md", summary["table"])
-    atomic_write_json(args.out / "comparison.json", _json_safe(summary))
+    atomic_write_json(args.out / "comparison.json", json_safe(summary))
     return summary
 
 

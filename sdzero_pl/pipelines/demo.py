@@ -27,20 +27,22 @@ import torch
 from sdzero_pl.cli import main as cli
 from sdzero_pl.core.artifacts import atomic_write_json, atomic_write_text, is_complete
 from sdzero_pl.core.console import short_errors
-from sdzero_pl.tasks.arithmetic import generate_split, write_jsonl
+from sdzero_pl.tasks.arithmetic import generate_split, generate_validation, write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 SPLIT_SIZES = {"phase1": 512, "phase2": 1024, "heldout": 200}
+VALIDATION_SIZE = 200  # the comparison's tuning and premise questions (disjoint from all of the above)
 
 
 def write_questions(out: Path, sizes: dict[str, int]) -> dict[str, Path]:
-    """The task's question sets (deterministic, disjoint by construction); existing files are kept."""
+    """The task's question sets (deterministic, disjoint by construction; ``validation``: the tuning split,
+    :func:`~sdzero_pl.tasks.arithmetic.generate_validation`); existing files are kept."""
     paths = {}
     for split, n in sizes.items():
         path = out / "data" / f"{split}.jsonl"
         if not path.exists():  # written aside, then renamed: runs of several seeds may share the folder
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            write_jsonl(generate_split(split, n, seed=0), tmp)
+            write_jsonl(generate_validation(n) if split == "validation" else generate_split(split, n, seed=0), tmp)
             os.replace(tmp, path)
         paths[split] = path
     return paths

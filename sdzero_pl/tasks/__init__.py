@@ -5,10 +5,10 @@
 """
 
 from sdzero_pl.tasks.arithmetic import ArithmeticReward
-from sdzero_pl.tasks.base import RewardBatch, Verifier
+from sdzero_pl.tasks.base import RewardBatch, StepVerifier, Verifier
 from sdzero_pl.tasks.code import CodeReward, extract_code
 from sdzero_pl.tasks.final_number import FinalNumberReward
 from sdzero_pl.tasks.math import MathReward, extract_last_boxed
 
-__all__ = ["RewardBatch", "Verifier", "MathReward", "CodeReward", "ArithmeticReward", "extract_last_boxed",
+__all__ = ["RewardBatch", "StepVerifier", "Verifier", "MathReward", "CodeReward", "ArithmeticReward", "extract_last_boxed",
            "extract_code", "FinalNumberReward"]

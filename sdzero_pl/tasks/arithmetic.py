@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from sdzero_pl.data.questions import Question
 from sdzero_pl.tasks.base import RewardBatch
 from sdzero_pl.tasks.math import MathReward
 
@@ -188,6 +189,36 @@ def generate_split(split: str, n: int, seed: int = 0, settings: TaskSettings | N
         raise ValueError(f"`n` must be >= 0, got {n}")
     stream = iter_problems(split, seed, settings)
     return [next(stream) for _ in range(n)]
+
+
+# The problems the shipped base model (checkpoints/tiny-arith, scripts/train_tiny_base.py defaults) trained on: the
+# first 40,000 of the train split at seed 0. Phase 1, Phase 2 and the held-out set own other hash splits.
+BASE_TRAINING = ("train", 0, 40_000)
+VALIDATION_SEED = 2_000_003  # not the base model's own model-selection stream (seed + 1_000_003)
+
+
+def generate_validation(n: int, seed: int = 0, settings: TaskSettings | None = None,
+                        base_training: tuple[str, int, int] = BASE_TRAINING) -> list[Problem]:
+    """``n`` validation problems for tuning the methods of a comparison, disjoint from every other question set.
+
+    They come from the ``train`` split (so their arithmetic is never that of a phase1, phase2 or held-out problem,
+    which own other hash buckets), drawn with another seed, minus every problem whose ARITHMETIC (start value,
+    operations, operands: its worked solution) the base model trained on (``base_training`` = split, seed, count;
+    default the shipped model's): not only the same text, but no re-worded copy either. Ids are
+    ``arith-validation-<seed>-<i>``; the held-out, phase1 and phase2 sets are unchanged by it."""
+    if n < 0:
+        raise ValueError(f"`n` must be >= 0, got {n}")
+    split, base_seed, count = base_training
+    seen = {p.solution for p in generate_split(split, count, base_seed, settings)}
+    out: list[Problem] = []
+    for problem in iter_problems("train", seed + VALIDATION_SEED, settings):
+        if len(out) == n:
+            break
+        if problem.solution not in seen:
+            seen.add(problem.solution)  # one wording per arithmetic within the validation set too
+            out.append(Problem(f"arith-validation-{seed}-{len(out)}", problem.problem, problem.answer,
+                               problem.solution))
+    return out
 
 
 def write_jsonl(problems: list[Problem], path: str | Path) -> Path:
@@ -358,6 +389,23 @@ def worked_steps_valid(completion: str) -> bool:
     return boxed == str(previous)
 
 
+def first_error(completion: str, solution: str) -> int | None:
+    """Character index in ``completion`` of its first wrong token against the reference worked ``solution``: the
+    step verifier of this task (the probe's "where is the first error"). The task's solutions are canonical (one
+    equation per step, in the order the question tells them), so the first character where the completion's
+    final attempt (after its last blank line) leaves the reference is where it went wrong: a slip in a result,
+    a misread operand, a flipped operation. None when that attempt IS the reference solution."""
+    start = completion.rstrip().rfind("\n\n")
+    offset = start + 2 if start >= 0 else 0
+    attempt = completion[offset:]
+    for i, (a, b) in enumerate(zip(attempt, solution)):
+        if a != b:
+            return offset + i
+    if attempt.strip() == solution.strip():
+        return None
+    return offset + min(len(attempt), len(solution))  # one is a prefix of the other: it stops or runs on there
+
+
 class ArithmeticReward(MathReward):
     """The demo task's verifier: the math reward (last ``\\boxed{}`` equals the answer) AND a valid worked
     solution (:func:`worked_steps_valid`). Still one binary reward per completion from the question's answer
@@ -372,16 +420,29 @@ class ArithmeticReward(MathReward):
                     batch.errors[i] = "the worked steps do not add up"
         return batch
 
+    def first_error(self, completion: str, question: Question) -> int | None:
+        """The :class:`~sdzero_pl.tasks.base.StepVerifier` side: :func:`first_error` against the question's
+        reference solution (load the questions with ``solution_field="solution"``)."""
+        if question.solution is None:
+            raise ValueError(f"question {question.id} has no reference solution: load the questions with "
+                             "`solution_field=solution` to locate errors")
+        return first_error(completion, question.solution)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a split of the arithmetic word-problem task as JSONL.")
-    parser.add_argument("--split", required=True, choices=SPLITS)
+    parser.add_argument("--split", required=True, choices=(*SPLITS, "validation"),
+                        help="a hash split, or 'validation' (train split, another seed, minus the base model's "
+                             "training arithmetic: see generate_validation)")
     parser.add_argument("--n", type=int, required=True, help="number of problems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output .jsonl path")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    path = write_jsonl(generate_split(args.split, args.n, args.seed, settings_from_args(args)), args.out)
+    settings = settings_from_args(args)
+    problems = (generate_validation(args.n, args.seed, settings) if args.split == "validation"
+                else generate_split(args.split, args.n, args.seed, settings))
+    path = write_jsonl(problems, args.out)
     print(f"wrote {args.n} {args.split} problems to {path}")
 
 

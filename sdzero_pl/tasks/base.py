@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 
 from sdzero_pl.data.questions import Question, QuestionSource, load_questions
 
@@ -47,3 +47,12 @@ class Verifier(ABC):
 
     def close(self) -> None:
         """Release worker processes, if any."""
+
+
+@runtime_checkable
+class StepVerifier(Protocol):
+    """A verifier that can also say WHERE a wrong answer first goes wrong (the demo's arithmetic task can; math and
+    code cannot): what the reviser probe (``python -m sdzero_pl.evaluation.probe``) checks the divergence against."""
+
+    def first_error(self, completion: str, question: Question) -> int | None:
+        """Character index in ``completion`` of its first wrong token; None if it has none."""

@@ -71,3 +71,41 @@ def test_paired_comparison_averages_seeds_per_question_then_tests():
     assert stats.paired_comparison(missing, reference)["questions"] == 2
     with pytest.raises(ValueError, match="same seeds"):
         stats.paired_comparison(method[:1], reference)
+
+
+# ------------------------------------------------------------------------------------------ seed-level tests
+def test_incomplete_beta_and_t_test_match_hand_computed_values():
+    assert stats.betainc(2, 3, 0.4) == pytest.approx(0.5248, abs=1e-12)  # = P(Binomial(4, 0.4) >= 2)
+    assert stats.betainc(0.5, 0.5, 0.5) == pytest.approx(0.5, abs=1e-12)  # symmetric
+    assert stats.t_test([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(0.013236, abs=1e-6)  # t = 4.243, 4 df
+    assert stats.t_test([0.3, -0.3]) == pytest.approx(1.0)
+    assert stats.t_test([0.0, 0.0, 0.0]) == 1.0 and stats.t_test([0.2, 0.2]) == 0.0
+    assert math.isnan(stats.t_test([0.5]))
+
+
+def test_bootstrap_interval_covers_the_difference_and_is_seeded():
+    reference = [{("b", str(q)): 0.5 for q in range(50)} for _ in range(4)]
+    better = [{key: 0.6 + 0.02 * s for key in acc} for s, acc in enumerate(reference)]
+    out = stats.hierarchical_bootstrap(better, reference, resamples=2000, seed=3)
+    assert out == stats.hierarchical_bootstrap(better, reference, resamples=2000, seed=3)
+    assert out["mean_diff_points"] == pytest.approx(13.0)
+    assert 10.0 <= out["ci_low"] < 13.0 < out["ci_high"] <= 16.0 and out["p_value"] == 0.0
+    same = stats.hierarchical_bootstrap(reference, reference, resamples=500)
+    assert same["mean_diff_points"] == 0.0 and same["p_value"] == 1.0
+
+
+def test_seed_variance_widens_the_interval_beyond_question_noise():
+    """Two seeds of opposite sign, same questions: per-question averaging hides the seed spread, the bootstrap
+    over seeds does not."""
+    reference = [{("b", str(q)): 0.5 for q in range(100)} for _ in range(2)]
+    method = [{key: 0.7 for key in reference[0]}, {key: 0.4 for key in reference[0]}]
+    test = stats.paired_comparison(method, reference, permutations=2000)
+    assert test["mean_diff_points"] == pytest.approx(5.0) and test["p_value"] < 0.001  # questions: "significant"
+    assert test["ci_low"] < 0.0 < test["ci_high"] and test["bootstrap_p_value"] > 0.2  # seeds x questions: not
+    assert test["seed_p_value"] > 0.5 and test["seeds"] == 2
+
+
+def test_p_values_at_the_floor_print_as_less_than_one_over_n():
+    assert stats.format_p(0.0, 10_000) == "< 1/10,000"
+    assert stats.format_p(1 / 10_001, 10_000) == "< 1/10,000"
+    assert stats.format_p(0.0123, 10_000) == "0.0123" and stats.format_p(math.nan) == "n/a"

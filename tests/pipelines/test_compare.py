@@ -147,27 +147,41 @@ SHORT = ["--srt-arg=--data.questions.num_questions=8", "--srt-arg=--data.questio
 
 def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "SPLIT_SIZES", {"phase1": 8, "phase2": 16, "heldout": 8})
+    monkeypatch.setattr(demo, "VALIDATION_SIZE", 8)
     argv = ["--out", str(tmp_path), "--base", str(SHIPPED), "--seeds", "0", "1", "--k", "2",
-            "--methods", "base", "rft", "srt", "sdzero", *SHORT]
+            "--methods", "base", "rft", "srt", "sdzero", "--tune", "--tune-shape", "2x1", "--tune-seed", "7",
+            "--premise-questions", "4", *SHORT]
     # RFT broken (0 questions): named with its log; every other step finishes, and no table is written
     assert compare.main([*argv, "--rft-arg=--data.questions.num_questions=0"]) == 1
     out = capsys.readouterr().out
-    assert f"seed 0 rft train failed: see {tmp_path}/seed0/rft.log" in out
-    assert "seed 1 rft eval not run: rft failed" in out
-    assert "num_questions" in (tmp_path / "seed0" / "rft.log").read_text()
+    assert f"seed 7 rft grid point 0 (lr=0.0005, epochs=6) train failed: see {tmp_path}/tune/seed7/rft-p0.log" in out
+    assert "seed 7 rft grid point 1 (lr=0.001, epochs=6) eval not run: rft failed" in out
+    assert "seed 0 rft train not run: rft failed" in out and "seed 1 rft eval not run: rft failed" in out
+    assert "num_questions" in (tmp_path / "tune" / "seed7" / "rft-p0.log").read_text()
     assert not (tmp_path / "comparison.md").exists() and (tmp_path / "seed1" / "sdzero" / "hf_model").is_dir()
+    # SD-Zero's grid points start from the SRT point chosen on validation; the final SRT runs use that setting
+    srt_scores = [json.loads((tmp_path / "tune" / "seed7" / "srt" / f"p{i}" / "eval" / "validation" /
+                              "eval_val.json").read_text())["results"]["average"]["avg@2"] for i in (0, 1)]
+    best = 1 if srt_scores[1] >= srt_scores[0] else 0  # ties: the shipped setting (centre, p1)
+    configs = list((tmp_path / "tune" / "seed7" / "sdzero" / "p0").rglob("config.yaml"))
+    assert configs, "LightningCLI saves the run's config"
+    start = yaml.safe_load(configs[0].read_text())["model"]["init_args"]["model_name_or_path"]
+    assert start == str(tmp_path / "tune" / "seed7" / "srt" / f"p{best}" / "hf_model")
+    assert "probe" in json.loads((tmp_path / "seed0" / "srt" / "premise" / "premise.json").read_text())["measured"]
 
-    # fixed: only RFT's steps run again
+    # fixed: only RFT's steps run again (2 grid points trained and validated, then 2 seeds trained and evaluated)
     assert compare.main([*argv, "--rft-arg=--data.questions.num_questions=4"]) == 0
     out = capsys.readouterr().out
-    assert "14 steps, 10 finished before (reused), 4 to run" in out and out.count("rft train: done in") == 2
+    assert "28 steps, 20 finished before (reused), 8 to run" in out and out.count("rft train: done in") == 2
+    assert out.count("rft grid point") == 4
     table = (tmp_path / "comparison.md").read_text()
     saved = json.loads((tmp_path / "comparison.json").read_text())
     rows = saved["rows"]
     assert list(rows) == ["base", "rft", "srt", "sdzero"]
     for label in ("base", "RFT", "SRT (Phase 1)", "SD-Zero"):
         assert f"| {label} |" in table
-    assert "| p |" in table and "reference" in table
+    assert "| p (seeds x questions) | p (seed means) | p (questions) |" in table and "reference" in table
+    assert "95% interval (seeds x questions)" in table and "ci_low" in rows["rft"]["vs_sdzero"]
     assert rows["base"]["generations"]["mean"] == 0
     assert rows["rft"]["generations"]["per_seed"] == {"0": 16, "1": 16}  # 4 questions x 4 samples
     assert rows["srt"]["generations"]["mean"] == 32  # 8 x (1 init + 3 revisions)
@@ -181,6 +195,21 @@ def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp
         assert set(row["avg@2"]["per_seed"]) == {"0", "1"} and 0 <= row["avg@2"]["mean"] <= 1
         assert row["pass@2"]["mean"] >= row["avg@2"]["mean"]
     assert saved["settings"]["seeds"] == [0, 1] and saved["settings"]["k"] == 2
+    # tuning: every grid point's validation score, the chosen one, and its setting on the final rows
+    for method in ("rft", "srt", "sdzero"):
+        record = saved["tuning"][method]
+        assert [p["setting"].split(",")[0] for p in record["points"]] == [
+            {"rft": "lr=0.0005", "srt": "lr=5e-05", "sdzero": "lr=1.5e-05"}[method],
+            {"rft": "lr=0.001", "srt": "lr=0.0001", "sdzero": "lr=3e-05"}[method]]
+        assert record["seed"] == 7 and record["questions"] == 8 and 0 <= record["points"][0]["score"] <= 1
+        assert rows[method]["setting"] == record["points"][record["chosen"]]["setting"]
+    assert saved["tuning"]["srt"]["chosen"] == best and rows["base"]["setting"] is None
+    assert "| setting (chosen on validation) | premise check |" in table and "Tuning (validation split" in table
+    # premises: SD-Zero's measured by the probe of each seed's SRT model; the stated ones say so
+    premise = rows["sdzero"]["premise"]
+    assert premise["holds"] in (True, False) and len(premise["per_seed"]) == 2
+    assert premise["measured"]["wrong"] + premise["measured"]["right"] == 2 * 4
+    assert rows["rft"]["premise"]["rule"] == "stated" and "reviser after wrong answers" in table
     assert list((tmp_path / "seed0" / "sdzero" / "eval" / "heldout").glob("samples_val_rank0.jsonl"))
 
     # everything finished: a third run trains and evaluates nothing and gives the same table
@@ -188,6 +217,13 @@ def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp
     monkeypatch.setattr(demo, "cli", lambda *a, **k: pytest.fail("a finished step was run again"))
     assert compare.main([*argv, "--rft-arg=--data.questions.num_questions=4"]) == 0
     assert (tmp_path / "comparison.md").read_text() == table
+
+    # a final run trained with another setting than validation now chooses is an error, not silently reused
+    (tmp_path / "seed0" / "rft" / "setting.json").write_text(json.dumps({"setting": "lr=9, epochs=1", "flags": []}))
+    assert compare.main([*argv, "--rft-arg=--data.questions.num_questions=4"]) == 1
+    assert "seed 0 rft train failed" in capsys.readouterr().out
+    log = (tmp_path / "seed0" / "rft.log").read_text()
+    assert "was trained with setting lr=9, epochs=1, validation now chooses" in log
 
 
 def test_parallel_workers_run_steps_in_their_own_processes_and_logs(tmp_path, monkeypatch, capsys):

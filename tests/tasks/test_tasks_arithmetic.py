@@ -8,10 +8,11 @@ import re
 
 import pytest
 
+from sdzero_pl.pipelines.demo import SPLIT_SIZES, VALIDATION_SIZE
 from sdzero_pl.tasks import MathReward, extract_last_boxed
 from sdzero_pl.tasks.arithmetic import (
-    FEEDBACK_PHRASES, RETRY_PHRASES, SPLITS, ArithmeticReward, TaskSettings, feedback_retry_example, generate_split,
-    main, parse_steps, retry_example, split_of, worked_solution, worked_steps_valid
+    BASE_TRAINING, FEEDBACK_PHRASES, RETRY_PHRASES, SPLITS, ArithmeticReward, TaskSettings, feedback_retry_example,
+    generate_split, generate_validation, main, parse_steps, retry_example, split_of, worked_solution, worked_steps_valid
 )
 
 
@@ -207,3 +208,18 @@ def test_feedback_phrases_are_not_the_control_phrases():
         for phrase in phrases:
             assert phrase not in controls
             assert not any(c in phrase or phrase in c for c in controls)
+
+
+def test_validation_split_is_disjoint_from_every_question_set_and_the_base_models_training():
+    validation = generate_validation(VALIDATION_SIZE)
+    assert len(validation) == VALIDATION_SIZE and len({p.solution for p in validation}) == VALIDATION_SIZE
+    assert [p.id for p in validation[:2]] == ["arith-validation-0-0", "arith-validation-0-1"]
+    others = {split: generate_split(split, n, seed=0) for split, n in SPLIT_SIZES.items()}  # the demo's sets
+    others["base training"] = generate_split(*BASE_TRAINING)  # what checkpoints/tiny-arith trained on
+    for name, problems in others.items():
+        assert not {p.problem for p in validation} & {p.problem for p in problems}, name
+        assert not {p.solution for p in validation} & {p.solution for p in problems}, name  # no re-worded copy
+    assert all(split_of(_key(p)) == "train" for p in validation)  # never a phase1 / phase2 / held-out bucket
+    assert generate_validation(5) == validation[:5] and generate_validation(5, seed=1) != validation[:5]
+    # the other question sets are what they were before the validation split existed
+    assert others["heldout"][0].id == "arith-heldout-0-0" and len(others["phase1"]) == SPLIT_SIZES["phase1"]

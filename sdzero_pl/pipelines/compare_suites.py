@@ -1,0 +1,57 @@
+"""The comparison's suites: per method its config and fixed flags, the evaluation config, the tuning grids
+(:mod:`sdzero_pl.pipelines.tuning`) and whether the suite's task writes a validation split. A new task plugs in as
+a new :class:`Suite` here (and, for tuning and premises, a validation split its question writer produces)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from sdzero_pl.pipelines.compare_plan import METHODS
+from sdzero_pl.pipelines.tuning import Axis, axis
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DATA_DIRS = {"srt": "srt_data", "rft": "rft_data", "grpo": "grpo_data"}  # methods whose data module writes files
+
+
+@dataclass(frozen=True)
+class Suite:
+    base: str
+    k: int
+    configs: dict[str, tuple[Path, tuple[str, ...]]]  # method -> (config, fixed flags)
+    eval_config: Path
+    grids: dict[str, tuple[Axis, ...]] = field(default_factory=dict)  # method -> tuning grid (``--tune``)
+    validation: bool = False  # its task writes a validation split (``<out>/data/validation.jsonl``): tuning, premises
+
+
+def _phase2_steps(epochs: Sequence[int], steps_per_epoch: int = 4) -> Axis:
+    """Phase-2 length as optimizer steps (the configs' 64 prompts / batch 16 = 4 per epoch), set by max_epochs."""
+    return Axis("steps", tuple((str(e * steps_per_epoch), (f"--trainer.max_epochs={e}",)) for e in epochs), 1)
+
+
+# The demo's grids: centred on configs/demo/*.yaml (the centre is the shipped setting), x0.5 / x2 in learning rate.
+# GRPO's updates per rollout batch: 64 prompts x 4 = 256 sequences in 4 micro-batches of 64, accumulated 4 / 2 / 1.
+LR = "--model.optim.lr"
+DEMO_GRIDS = {
+    "rft": (axis("lr", LR, [5e-4, 1e-3, 2e-3]), axis("epochs", "--trainer.max_epochs", [3, 6, 9])),
+    "grpo": (axis("lr", LR, [1e-4, 2e-4, 4e-4]),
+             Axis("updates per rollout batch", tuple((str(4 // a), (f"--trainer.accumulate_grad_batches={a}",))
+                                                     for a in (4, 2, 1)), 1)),
+    "sdft": (axis("lr", LR, [1.5e-5, 3e-5, 6e-5]), _phase2_steps([24, 48, 72])),
+    "sdft_answer": (axis("lr", LR, [1.5e-5, 3e-5, 6e-5]), _phase2_steps([24, 48, 72])),
+    "srt": (axis("lr", LR, [5e-5, 1e-4, 2e-4]), axis("epochs", "--trainer.max_epochs", [3, 6, 9])),
+    "sdzero": (axis("lr", LR, [1.5e-5, 3e-5, 6e-5]), _phase2_steps([8, 16, 24])),
+    "control": (axis("lr", LR, [1.5e-5, 3e-5, 6e-5]), _phase2_steps([8, 16, 24])),
+}
+
+SUITES = {
+    "demo": Suite("checkpoints/tiny-arith", 4, {m: (CONFIGS / "demo" / f"{m}.yaml", ()) for m in METHODS[1:]},
+                  CONFIGS / "demo" / "eval.yaml", DEMO_GRIDS, validation=True),
+    "qwen": Suite("Qwen/Qwen3-4B-Instruct-2507", 8, {
+        "rft": (CONFIGS / "qwen_rft.yaml", ()), "grpo": (CONFIGS / "qwen_grpo.yaml", ()),
+        "sdft": (CONFIGS / "qwen_sdft.yaml", ()),
+        "sdft_answer": (CONFIGS / "qwen_sdft.yaml", ("--data.teacher_context=answer",)),
+        "srt": (CONFIGS / "qwen_srt.yaml", ()), "sdzero": (CONFIGS / "qwen.yaml", ()),
+        "control": (CONFIGS / "qwen_sdzero_control.yaml", ())}, CONFIGS / "eval" / "qwen.yaml"),
+}
