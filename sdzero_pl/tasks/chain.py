@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Iterable
 
 from sdzero_pl.tasks.arithmetic import (
-    FEEDBACK_PHRASES, Problem, TaskSettings, generate_split, iter_problems, parse_steps, worked_steps_valid,
-    write_jsonl
+    FEEDBACK_PHRASES, Problem, TaskSettings, generate_split, iter_problems, parse_steps, worked_steps_valid, write_jsonl
 )
 from sdzero_pl.tasks.math import extract_last_boxed
 
