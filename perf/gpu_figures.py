@@ -1,5 +1,6 @@
-"""Issue 16's figures on a GPU, as self-contained steps the GPU check runs (scripts/gpu_check.py ``perf``); none
-needs vLLM. Each prints one ``RESULT {json}`` line (the GPU check's format) and returns its figures.
+"""Issue 16's figures on a GPU, as self-contained functions the GPU check's device part runs as its steps
+``batching`` and ``distill_loss_bf16`` (scripts/gpu_check_device.py); none needs vLLM. Each returns its figures
+(``ok`` among them); run alone, this script prints one ``RESULT {json}`` line per function (the GPU check's format).
 
 * ``batching``: one Phase-2 optimizer step at Qwen3-4B shapes (random weights from its config: vocab 151,936,
   hidden 2560, 36 layers; bf16 weights and AdamW state, gradient checkpointing, top-k 64), fixed-count vs
@@ -26,11 +27,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SMOKE = os.environ.get("GPU_CHECK_SMOKE") == "1"
 
 
-def result(step: str, **figures) -> dict:
-    print("RESULT " + json.dumps({"step": step, **figures}), flush=True)
-    return figures
-
-
 def batching(work: str, smoke: bool = SMOKE) -> dict:
     from perf import bench_batching
 
@@ -43,7 +39,7 @@ def batching(work: str, smoke: bool = SMOKE) -> dict:
     summary.pop("rows")
     targets = summary.pop("ok")  # smoke sizes say nothing about the speed targets; gradients must agree anyway
     ok = all(targets.values()) if not smoke else targets["equal_gradients"]
-    return result("batching", ok=ok, targets=targets, **summary)
+    return {"ok": ok, "targets": targets, **summary}
 
 
 def distill_loss(work: str, smoke: bool = SMOKE) -> dict:
@@ -55,7 +51,7 @@ def distill_loss(work: str, smoke: bool = SMOKE) -> dict:
     figures = bench_distill_loss.run([*argv, "--dtype", "bfloat16"])
     figures["targets_pass"] = figures.pop("pass")  # the 0.25x memory target is out of reach (the head gradient)
     chunked = next(v for k, v in figures.items() if k.startswith("chunked@"))
-    return result("distill_loss", ok=chunked["equal"], **figures)
+    return {"ok": chunked["equal"], **figures}
 
 
 STEPS = {"batching": batching, "distill_loss": distill_loss}
@@ -66,7 +62,9 @@ def main(argv: list[str]) -> int:
     os.makedirs(work, exist_ok=True)
     ok = True
     for name in names:
-        ok &= bool(STEPS[name](work)["ok"])
+        figures = STEPS[name](work)
+        print("RESULT " + json.dumps({"step": name, **figures}, default=str), flush=True)
+        ok &= bool(figures["ok"])
     return 0 if ok else 1
 
 

@@ -1,183 +1,192 @@
-"""GPU check of the scaling path, one step per process (vLLM's parallel state is per process): see gpu_check.sh.
+"""GPU check of the scaling path, in two parts (see gpu_check.sh and docs/scaling.md, "GPU check").
 
-    python scripts/gpu_check.py build DIR        # a random Qwen3 (~110M parameters) + char tokenizer, no download
-    python scripts/gpu_check.py engine DIR       # vLLM CUDA backend: HF parity, weight-refresh parity, tokens/s
-    python scripts/gpu_check.py fit DIR WORK [--sleep]   # Phase-2 fit, FSDP on 1 GPU, vLLM rollouts + refresh
-    python scripts/gpu_check.py perf WORK        # no vLLM: Phase-2 step at Qwen3-4B shapes, count vs length-aware
-                                                 # micro-batching, bf16 distillation loss (perf/gpu_figures.py)
+    python scripts/gpu_check.py device [--steps a,b] [--out DIR]   # part 1: no vLLM (the lent GPU image)
+    python scripts/gpu_check.py vllm --steps engine [--out DIR]     # part 2: vLLM, on users' own GPU machines
 
-Every step prints one line ``RESULT {json}`` with its figures and checks; gpu_check.sh collects them.
+A part is an ordered list of steps; a step is a function ``fn(ctx) -> dict`` of figures registered with
+``@step(part, name)`` (part 1's live in ``gpu_check_device.py``, part 2's in ``gpu_check_vllm.py``). To add a check,
+write one more registered function: the driver runs the steps in registration order, each with its own timer and
+peak-memory counter, prints one ``RESULT {json}`` line per step and rewrites ``<out>/gpu_check_<part>.json`` after
+every step, so a run cut short keeps what it measured. A step that raises is recorded as failed (its traceback
+tail in the JSON) and the next one still runs. A step's ``ok`` is its own checks (True when it has none).
+
+GPU_CHECK_SMOKE=1: the same steps on CPU at toy sizes (float32 where the GPU uses bf16, no FSDP1), to prove the
+script and its packaging without a GPU. The figures of a smoke run mean nothing.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import os
+import shutil
 import sys
 import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
-QUESTIONS = [f"What is {a}+{b}? Answer in \\boxed{{}}." for a in range(16) for b in range(16)]  # 256 prompts
-GAP_REFRESHED_MAX = 0.05  # bf16 engine vs bf16 trainer: kernel rounding only
-# GPU_CHECK_SMOKE=1: the same steps on CPU at toy sizes (float32, no FSDP), to test this script without a GPU
 SMOKE = os.environ.get("GPU_CHECK_SMOKE") == "1"
 DEVICE, DTYPE = ("cpu", "float32") if SMOKE else ("cuda", "bfloat16")
-N = 8 if SMOKE else 1  # size divisor
+N = 8 if SMOKE else 1  # size divisor of the small workloads in smoke mode
+
+STEPS: dict[str, list[tuple[str, Callable]]] = {"device": [], "vllm": []}
 
 
-def result(step: str, **figures) -> None:
-    print("RESULT " + json.dumps({"step": step, **figures}), flush=True)
+@dataclass
+class Context:
+    """What the steps of one run share: the work directory, the random model ``build`` made, earlier results."""
+
+    work: Path
+    results: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.work / "model"
 
 
-def build(directory: str) -> None:
+def step(part: str, name: str):
+    """Register ``fn(ctx) -> dict`` as the next step of ``part``."""
+    def register(fn: Callable) -> Callable:
+        STEPS[part].append((name, fn))
+        return fn
+    return register
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None
+
+
+def free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ------------------------------------------------------------------------------------------- the shared model
+def build(ctx: Context) -> dict:
+    """A random Qwen3 (~110M parameters; toy in smoke mode) and the char tokenizer from config: no download."""
     from sdzero_pl.core.tiny import save_tiny_model
 
     sizes = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                   intermediate_size=128) if SMOKE else
              dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
                   intermediate_size=3072))
-    path = save_tiny_model(directory, seed=0, max_position_embeddings=4096, **sizes)
-    with open(os.path.join(path, "config.json")) as handle:
-        config = json.load(handle)
+    path = save_tiny_model(ctx.model_dir, seed=0, max_position_embeddings=4096, **sizes)
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text())
     config["dtype"] = DTYPE  # vLLM's dtype "auto" -> bf16, as for a real checkpoint
-    with open(os.path.join(path, "config.json"), "w") as handle:
-        json.dump(config, handle, indent=2)
-    result("build", path=str(path))
+    config_path.write_text(json.dumps(config, indent=2))
+    from safetensors.torch import load_file
+
+    return {"path": str(path), "params": sum(t.numel() for t in load_file(str(path / "model.safetensors")).values())}
 
 
-def _gap(rollouts, model, tokenizer, prompts) -> float:
-    from sdzero_pl.rollout.staleness import logprob_gap, sampled_token_logps
-
-    trainer_logps = sampled_token_logps(model, prompts, [r.completion_ids for r in rollouts], tokenizer.pad_token_id,
-                                        batch_size=32)
-    return logprob_gap([r.logps for r in rollouts], trainer_logps)
+for _part in STEPS:
+    step(_part, "build")(build)
 
 
-def _agreement(a, b) -> float:
-    """Fraction of prompts whose greedy completions are token-identical."""
-    return sum(x.completion_ids == y.completion_ids for x, y in zip(a, b)) / len(a)
+# ------------------------------------------------------------------------------------------------- the driver
+def environment() -> dict:
+    import lightning
+    import transformers
 
-
-def engine(directory: str) -> None:
-    from sdzero_pl.core.models import load_model, load_tokenizer
-    from sdzero_pl.core.prompts import encode_prompts, stop_token_ids
-    from sdzero_pl.core.sharding import full_named_tensors
-    from sdzero_pl.rollout import HFRollout, VLLMRollout
-
-    model = load_model(directory, DTYPE).to(DEVICE).eval()
-    tokenizer = load_tokenizer(directory)
-    stops = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
-    prompts = encode_prompts(tokenizer, QUESTIONS[: len(QUESTIONS) // N])
-    params = sum(p.numel() for p in model.parameters())
-
-    start = time.perf_counter()
-    fast = VLLMRollout(temperature=1.0, max_new_tokens=256 // N, dtype=DTYPE, gpu_memory_utilization=0.4,
-                       max_model_len=1024, enforce_eager=SMOKE, show_progress=False)
-    fast.setup(model, tokenizer, stops)
-    engine_init_s = time.perf_counter() - start
-    fast.generate(prompts[:8], seed=0)  # warm-up
-    _sync()
-    start = time.perf_counter()
-    sampled = fast.generate(prompts, seed=1)
-    vllm_s = time.perf_counter() - start
-    vllm_tokens = sum(len(r.completion_ids) for r in sampled)
-
-    slow = HFRollout(temperature=1.0, max_new_tokens=256 // N, batch_size=64 // N, show_progress=False)
-    slow.setup(model, tokenizer, stops)
-    slow.generate(prompts[:4], seed=0)  # warm-up
-    _sync()
-    start = time.perf_counter()
-    hf_sampled = slow.generate(prompts[: 64 // N], seed=1)
-    _sync()
-    hf_s = time.perf_counter() - start
-    hf_tokens = sum(len(r.completion_ids) for r in hf_sampled)
-
-    # parity: greedy tokens vs HF, and the engine's vs the trainer's log-probs, before and after a weight change
-    fast.temperature, slow.temperature = 0.0, 0.0
-    probe = prompts[: 32 // N]
-    greedy = fast.generate(probe, seed=0)
-    agreement_start = _agreement(greedy, slow.generate(probe, seed=0))
-    gap_start = _gap(greedy, model, tokenizer, probe)
-    with torch.no_grad():  # a "training step": every weight moves by ~1% of its scale
-        generator = torch.Generator(device=DEVICE).manual_seed(0)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * p.float().std() * 0.05)
-    gap_stale = _gap(fast.generate(probe, seed=0), model, tokenizer, probe)
-    _sync()
-    refresh_s = fast.update_weights(full_named_tensors(model))
-    greedy = fast.generate(probe, seed=0)
-    agreement_refreshed = _agreement(greedy, slow.generate(probe, seed=0))
-    gap_refreshed = _gap(greedy, model, tokenizer, probe)
-    ok = gap_refreshed < GAP_REFRESHED_MAX and gap_stale > 5 * gap_refreshed and agreement_refreshed >= 0.5
-    result("engine", ok=ok, params=params, engine_init_s=round(engine_init_s, 1),
-           vllm_tokens_per_s=round(vllm_tokens / vllm_s), vllm_prompts=len(prompts), vllm_tokens=vllm_tokens,
-           hf_tokens_per_s=round(hf_tokens / hf_s), hf_prompts=64 // N, hf_tokens=hf_tokens,
-           refresh_s=round(refresh_s, 3), greedy_agreement_start=agreement_start,
-           greedy_agreement_refreshed=agreement_refreshed, gap_start=gap_start, gap_stale=gap_stale,
-           gap_refreshed=gap_refreshed)
-    fast.close()
-
-
-def _sync() -> None:
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+            "lightning": lightning.__version__, "transformers": transformers.__version__, "smoke": SMOKE,
+            "imported_from": {}}
+    for name in ("torch", "lightning", "transformers", "jsonargparse", "math_verify", "sdzero_pl"):
+        try:  # where each came from: the image, the carried wheels' target folder or the repository
+            info["imported_from"][name] = os.path.dirname(importlib.import_module(name).__file__)
+        except ImportError as err:
+            info["imported_from"][name] = f"not importable: {err}"
     if DEVICE == "cuda":
-        torch.cuda.synchronize()
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device visible (GPU_CHECK_SMOKE=1 runs the CPU smoke mode)")
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, memory_gib=round(props.total_memory / 2**30, 1))
+    return info
 
 
-def fit(directory: str, work: str, sleep: bool) -> None:
-    from sdzero_pl.cli import main
+def run(part: str, names: list[str] | None, out: Path, work: Path) -> bool:
+    importlib.import_module("gpu_check_device")  # registers part 1's steps
 
-    args = [
-        "fit", "--config", "configs/tiny/sdzero_vllm.yaml",
-        *(["--trainer.accelerator=cpu"] if SMOKE else ["--trainer.accelerator=gpu", "--trainer.strategy=fsdp",
-                                                        "--trainer.precision=bf16-mixed"]),
-        "--trainer.devices=1", "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={work}",
-        f"--model.init_args.model_name_or_path={directory}", "--model.init_args.gradient_checkpointing=true",
-        f"--model.init_args.export_dir={work}/hf_model", "--data.init_args.prompts_per_epoch=64",
-        "--data.init_args.batch_size=8", "--data.init_args.max_teacher_len=512",
-        f"--data.init_args.rollout.init_args.dtype={DTYPE}",
-        "--data.init_args.rollout.init_args.max_model_len=512",
-        "--data.init_args.rollout.init_args.max_new_tokens=128",
-        "--data.init_args.rollout.init_args.gpu_memory_utilization=0.3",
-        f"--data.init_args.rollout.init_args.enable_sleep_mode={str(sleep).lower()}",
-        "--data.init_args.rollout.init_args.show_progress=false",
-    ]
-    start = time.perf_counter()
-    cli = main(args)
-    seconds = time.perf_counter() - start
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-    from transformers import AutoModelForCausalLM
+    if part == "vllm":
+        importlib.import_module("gpu_check_vllm")  # part 2's steps (they import vllm themselves)
+    known = [name for name, _ in STEPS[part]]
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise SystemExit(f"--steps: unknown step(s) {unknown} of part {part!r}; known: {known}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu_check_{part}.json"
+    summary = {"part": part, "work": str(work), "environment": environment(), "steps": []}
+    if path.exists():  # a part run one step per process (vllm) adds to the same file
+        previous = json.loads(path.read_text())
+        if previous.get("work") == str(work):
+            summary["steps"] = previous["steps"]
+    print("ENV " + json.dumps(summary["environment"]), flush=True)
+    ctx, all_ok, start_all = Context(work), True, time.perf_counter()
+    for name, fn in STEPS[part]:
+        if names is not None and name not in names and name != "build":
+            continue
+        if name == "build" and (ctx.model_dir / "config.json").exists():
+            continue
+        free_memory()
+        start = time.perf_counter()
+        try:
+            figures = fn(ctx)
+            row = {"step": name, "ok": bool(figures.pop("ok", True)), **figures}
+        except Exception as err:  # noqa: BLE001  (recorded; the next step still runs)
+            row = {"step": name, "ok": False, "error": f"{type(err).__name__}: {err}",
+                   "traceback": traceback.format_exc()[-3000:]}
+        row.update(seconds=round(time.perf_counter() - start, 1), step_peak_gpu_gib=peak_gib())
+        ctx.results[name] = row
+        all_ok &= row["ok"]
+        summary["steps"].append(row)
+        summary["total_s"] = round(time.perf_counter() - start_all, 1)
+        path.write_text(json.dumps(summary, indent=2, default=str))
+        print("RESULT " + json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=str), flush=True)
+        if not row["ok"] and "traceback" in row:
+            print(row["traceback"], file=sys.stderr, flush=True)
+    print(f"== {part}: {'all checks passed' if all_ok else 'SOME CHECKS FAILED'} in {summary['total_s']} s; "
+          f"figures in {path}", flush=True)
+    return all_ok
 
-    exported = AutoModelForCausalLM.from_pretrained(f"{work}/hf_model")
-    student = cli.model.policy
-    ok = (cli.trainer.global_step > 0 and cli.model.sharding == (None if SMOKE else "fsdp1")
-          and metrics.get("rollout/logprob_gap", 1.0) < GAP_REFRESHED_MAX
-          and metrics.get("rollout/weight_pushes", 0.0) >= 2 and exported is not None)
-    result("fit", ok=ok, sleep_mode=sleep, seconds=round(seconds, 1), global_step=cli.trainer.global_step,
-           wrapped=type(student).__name__, logprob_gap=metrics.get("rollout/logprob_gap"),
-           weight_pushes=metrics.get("rollout/weight_pushes"), refresh_s=metrics.get("time/refresh_s"),
-           generate_s=metrics.get("time/generate_s"), loss=metrics.get("train/loss_epoch"),
-           peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=sorted(STEPS))
+    parser.add_argument("--steps", default=None, help="comma-separated subset of the part's steps (build always runs)")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check", help="where the JSON goes")
+    parser.add_argument("--work", default=None, help="scratch directory (model, runs); default a fresh temp dir")
+    args = parser.parse_args(argv)
+    import tempfile
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="sdzero-gpu-check-"))
+    names = args.steps.split(",") if args.steps else None
+    try:
+        return 0 if run(args.part, names, Path(args.out), work) else 1
+    finally:
+        if args.work is None:  # our own scratch directory (models, runs): the figures are in the JSON
+            shutil.rmtree(work, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    step = sys.argv[1]
-    if step == "build":
-        build(sys.argv[2])
-    elif step == "engine":
-        engine(sys.argv[2])
-    elif step == "fit":
-        fit(sys.argv[2], sys.argv[3], "--sleep" in sys.argv[4:])
-    elif step == "perf":  # issue 16's figures (no vLLM): perf/gpu_figures.py prints its own RESULT lines
-        from perf.gpu_figures import main as perf_figures
-
-        perf_figures(sys.argv[2:])
-    else:
-        raise SystemExit(f"unknown step {step!r}: build | engine | fit | perf")
+if __name__ == "__main__":  # run as the module `gpu_check`, the one the step files register with
+    sys.exit(importlib.import_module("gpu_check").main())

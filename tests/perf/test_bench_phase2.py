@@ -12,16 +12,13 @@ from perf import bench_vs_trl, gpu_figures
 
 
 @pytest.mark.slow
-def test_gpu_figures_run_every_step_in_smoke_mode(tmp_path, capsys):
+def test_gpu_figures_run_every_step_in_smoke_mode(tmp_path):
     batching = gpu_figures.batching(str(tmp_path), smoke=True)
     assert batching["targets"]["equal_gradients"] and batching["grad_rel_diff"] < 1e-4
     assert set(batching["step_s"]) == {"count", "tokens"} and batching["real_tokens"] > 0
     assert batching["padding_frac"]["tokens"] <= batching["padding_frac"]["count"]
     loss = gpu_figures.distill_loss(str(tmp_path), smoke=True)
     assert loss["dtype"] == "bfloat16" and loss["ok"]
-    lines = [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines()
-             if line.startswith("RESULT ")]
-    assert {r["step"] for r in lines} >= {"batching", "distill_loss"}
 
 
 @pytest.mark.slow
