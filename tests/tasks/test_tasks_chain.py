@@ -108,3 +108,41 @@ def test_write_demo_data_writes_every_split_and_the_cli_one(tmp_path, capsys):
     main(["--split", "heldout", "--n", "10", "--out", str(tmp_path / "h.jsonl")])
     assert (tmp_path / "h.jsonl").read_bytes() == before
     assert "wrote 10 heldout problems" in capsys.readouterr().out
+
+
+def test_own_error_retry_examples_balance_the_model_answers(monkeypatch):
+    """scripts/tiny_base_own_errors.py: the model's own answers become the attempts, balanced to the wrong share;
+    restated canonical solutions make up for missing right answers; every target is the canonical solution."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
+    sys.modules.pop("tiny_base_own_errors", None)
+    import tiny_base_own_errors as own
+
+    problems = chain_split("train", 40, 0)
+    answers = [p.solution if i % 8 == 0 else p.solution.replace("=", "=1", 1) for i, p in enumerate(problems)]
+
+    class Model:
+        def train(self):
+            pass
+
+    def measure(model, tokenizer, pool, args, reward, *, temperature, seed):
+        assert temperature == 1.0 and [p.id for p in pool] == [p.id for p in problems[:20]]
+        return {"samples": [(None, answers[int(p.id.rsplit("-", 1)[1])]) for p in pool]}
+
+    monkeypatch.setattr(own, "measure", measure)
+    args = argparse.Namespace(own_errors_from=5, own_errors_every=3, own_errors_pool=20, own_errors_temperature=1.0,
+                              retry_slip_prob=0.5, seed=0)
+    builder = own.OwnErrors(args, problems, reward=None)
+    assert [s for s in range(12) if builder.due(s)] == [5, 8, 11]
+    examples = builder.examples(Model(), None, 5)
+    record = builder.refreshes[0]
+    assert (record["wrong"], record["right"], record["restated"]) == (10, 3, 7)  # 17 of 20 wrong, kept 10 + 10
+    assert record["first_wrong_step"] == {"0": 10}
+    assert len(examples) == 20
+    for p, (attempt, phrase, target) in examples:
+        assert target == p.solution
+        assert phrase in FEEDBACK_PHRASES[int(is_correct(attempt, p))]
+    assert sum(is_correct(a, p) for p, (a, _, _) in examples) == 10
