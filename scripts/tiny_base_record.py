@@ -49,7 +49,7 @@ def measure(model, tokenizer, problems: list[Problem], args, reward: MathReward,
 
 def measure_heldout(model, tokenizer, args, reward: MathReward) -> dict:
     """The held-out record of TRAINING.md: k samples with generate-then-revise, and greedy decoding."""
-    heldout = generate_split("heldout", args.heldout_n, 0, settings_from_args(args))
+    heldout = generate_split("heldout", args.heldout_n, 0, settings_from_args(args), prefix=args.prefix)
     k = args.heldout_samples
     return {"sampled": measure(model, tokenizer, heldout, args, reward, samples=k, seed=args.seed, revise=True),
             "greedy": measure(model, tokenizer, heldout, args, reward, temperature=0.0)}
@@ -101,12 +101,22 @@ def training_md(args: argparse.Namespace, r: dict) -> str:
         f"| {h['boxed_rate']:.2f} | {h['ended_rate']:.2f} | {h['mean_completion_len']:.1f} |"
         for h in r["history"]
     )
-    retry_text = (f"attempt, feedback that says whether it is right, solution; {args.retry_slip_prob:.0%} of the "
-                  "attempts wrong: an arithmetic slip, a misread operand or a flipped operation"
-                  if args.retry_style == "feedback" else
-                  f"attempt, neutral interjection, solution; {args.retry_slip_prob:.0%} of the attempts with an "
-                  "arithmetic slip")
-    return f"""# tiny-arith: the embedded demo's base model
+    retry_text = {
+        "feedback": f"attempt, feedback that says whether it is right, solution; {args.retry_slip_prob:.0%} of the "
+                    "attempts wrong: an arithmetic slip, a misread operand or a flipped operation",
+        "neutral": f"attempt, neutral interjection, solution; {args.retry_slip_prob:.0%} of the attempts with an "
+                   "arithmetic slip",
+        "localized": f"attempt, feedback that says whether it is right, solution; until step {args.own_errors_from} "
+                     "the feedback style's synthetic attempts, then the model's OWN answers to "
+                     f"{args.own_errors_pool} fresh training problems (temperature {args.own_errors_temperature}), "
+                     f"rebuilt every {args.own_errors_every} steps and balanced to {args.retry_slip_prob:.0%} wrong; "
+                     "the target, the canonical solution, repeats a wrong attempt's correct steps and fixes its "
+                     "first wrong one",
+    }[args.retry_style]
+    title = {"arith": "tiny-arith: the embedded demo's base model",
+             "chain": "tiny-chain: the base model of the demo's chain variant"}[args.task]
+    module = {"arith": "sdzero_pl.tasks.arithmetic", "chain": "sdzero_pl.tasks.chain"}[args.task]
+    return f"""# {title}
 
 Trained from scratch by `scripts/train_tiny_base.py` (seeded, one CPU thread). There is no resume: rerun the
 command to reproduce it (Ctrl-C during a run leaves this directory untouched).
@@ -124,7 +134,7 @@ Qwen3ForCausalLM trained from random init: hidden {args.hidden_size}, {args.num_
 {args.intermediate_size}, tied embeddings, float32, {r['n_params']:,} parameters, {r['size_mb']:.1f} MB on disk.
 Tokenizer: `sdzero_pl.core.tiny.build_char_tokenizer()` (one token per character, ChatML, eos `<|im_end|>`).
 
-## Task (`sdzero_pl.tasks.arithmetic`)
+## Task (`{module}`)
 
 `{r['settings']}`
 
@@ -134,7 +144,7 @@ examples ({retry_text}; loss on the final solution only; see the script's docstr
 {args.batch_size}; AdamW lr {args.lr}, {args.warmup_steps} warm-up steps, cosine to {args.min_lr_ratio} x lr,
 weight decay {args.weight_decay}, betas (0.9, 0.95), grad clip {args.grad_clip}.
 
-{accuracy_section(args, r['sampled'], r['greedy'])}## Model selection
+{accuracy_section(args, r['sampled'], r['greedy'])}{own_errors_section(r.get('own_errors', []))}## Model selection
 
 Saved checkpoint: {r['chosen']}.
 Validation during training ({args.eval_n} train-split questions of another seed, none of them trained on; one
@@ -149,6 +159,26 @@ sample each, same sampling as above):
 Training {r['train_wall']:.1f} min wall-clock ({r['train_cpu']:.1f} min of CPU time on 1 thread); with the final
 held-out evaluation and saving {r['total_wall']:.1f} min wall-clock ({r['total_cpu']:.1f} min CPU). The machine
 was shared with other jobs, so wall-clock overstates the cost on an idle core.
+"""
+
+
+def own_errors_section(refreshes: list[dict]) -> str:
+    """The localized style's record: each rebuild of the retry examples from the model's own answers."""
+    if not refreshes:
+        return ""
+    rows = "\n".join(f"| {r['step']} | {r['pool']} | {r['wrong_share_sampled']:.3f} | {r['wrong']} | {r['right']} | "
+                     f"{r['restated']} | "
+                     f"{', '.join(f'{k}: {v}' for k, v in r['first_wrong_step'].items())} |" for r in refreshes)
+    return f"""## Own-error retry examples
+
+Each rebuild: the model's answers to a fresh pool of training problems, the share of them wrong, the wrong and right
+attempts kept (balanced; restated: canonical solutions standing in for right answers the model did not give), and where the kept wrong attempts first go wrong (index of the first wrong equation;
+the index after the last equation means the box or the end is wrong).
+
+| step | pool | wrong (sampled) | wrong kept | right kept | restated | first wrong step: count |
+|---|---|---|---|---|---|---|
+{rows}
+
 """
 
 

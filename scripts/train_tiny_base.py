@@ -11,7 +11,13 @@ Plain PyTorch: AdamW, linear warm-up then cosine decay, one CPU thread by defaul
   ``--retry_style feedback`` (default): the attempt is wrong half of the time (an arithmetic slip, a misread
   operand or a flipped operation, the kinds of error the model makes) and the interjection says whether it is
   right ("Hmm, that is not correct. Let me fix it." / "This is correct. Let me restate it.");
-  ``--retry_style neutral``: a neutral interjection ("Let me check this again.") and arithmetic slips only.
+  ``--retry_style neutral``: a neutral interjection ("Let me check this again.") and arithmetic slips only;
+  ``--retry_style localized`` (``--task chain``'s): the feedback style until ``--own_errors_from``, then the
+  attempts are the model's OWN sampled answers, refreshed every ``--own_errors_every`` steps, and the target is the
+  canonical solution, which repeats the attempt's correct steps and fixes its first wrong one
+  (``scripts/tiny_base_own_errors.py``).
+``--task chain`` trains on the harder variant :mod:`sdzero_pl.tasks.chain` (its settings become the task flags'
+defaults, and ``checkpoints/tiny-chain`` the output); the default task and ``checkpoints/tiny-arith`` are unchanged.
 An instruct LLM can continue its own answer after an interjection such as SD-Zero's control phrases, and it knows
 what "this response is not correct" means; a model trained on answer examples alone cannot (it emits garbage
 there), which leaves Phase 1 nothing to select from. The feedback retry examples give it that general ability
@@ -29,6 +35,7 @@ No resuming: a run takes minutes. Ctrl-C at any time leaves the output directory
 temporary directory and renamed at the very end); rerun the same command to reproduce it.
 
     OMP_NUM_THREADS=1 python scripts/train_tiny_base.py --out checkpoints/tiny-arith
+    OMP_NUM_THREADS=1 python scripts/train_tiny_base.py --task chain --retry_style localized
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -53,19 +61,26 @@ from sdzero_pl.tasks.arithmetic import (
     Problem, TaskSettings, add_settings_arguments, feedback_retry_example, generate_split, iter_problems, retry_example,
     settings_from_args
 )
+from sdzero_pl.tasks.chain import CHAIN
+from sdzero_pl.tasks.chain import PREFIX as CHAIN_PREFIX
 
-from tiny_base_record import (  # isort: skip  (this folder is on sys.path when the script runs)
+from tiny_base_own_errors import OwnErrors  # isort: skip  (this folder is on sys.path when the script runs)
+from tiny_base_record import (  # isort: skip
     log, log_heldout, measure, measure_heldout, remeasure, training_md, write_samples
 )
 
 IGNORE = -100
+TASKS = {"arith": ("arith", TaskSettings()), "chain": (CHAIN_PREFIX, CHAIN)}  # --task: (id prefix, settings)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--out", default="checkpoints/tiny-arith", help="output HF directory")
+    p.add_argument("--task", choices=tuple(TASKS), default="arith",
+                   help="arith: the default demo task; chain: the harder variant (sdzero_pl.tasks.chain), whose "
+                        "settings become the task flags' defaults and checkpoints/tiny-chain the default --out")
+    p.add_argument("--out", default=None, help="output HF directory (default checkpoints/tiny-<task>)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init, the batches and the task's train split")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--measure", default=None, metavar="DIR",
@@ -87,10 +102,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--retry_slip_prob", type=float, default=0.5,
                    help="share of retry first attempts that are wrong (neutral style: an arithmetic slip)")
     g.add_argument(
-        "--retry_style", choices=("neutral", "feedback"), default="feedback",
+        "--retry_style", choices=("neutral", "feedback", "localized"), default="feedback",
         help="neutral: the interjection says nothing about the attempt; feedback: it says whether the attempt was "
-             "right, and wrong attempts carry slips, misread operands or flipped operations (see module doc)",
+             "right, and wrong attempts carry slips, misread operands or flipped operations; localized: feedback, "
+             "then the model's own answers as the attempts (see module doc)",
     )
+    g.add_argument("--own_errors_from", type=int, default=300,
+                   help="localized: first step whose retry examples are built from the model's own answers")
+    g.add_argument("--own_errors_every", type=int, default=100, help="localized: steps between rebuilds")
+    g.add_argument("--own_errors_pool", type=int, default=1024, help="localized: training problems answered per rebuild")
+    g.add_argument("--own_errors_temperature", type=float, default=1.0,
+                   help="localized: sampling temperature of the own answers (Phase 2 samples at 1.0)")
     g.add_argument("--steps", type=int, default=1200, help="optimizer steps of the cosine schedule")
     g.add_argument("--batch_size", type=int, default=32)
     g.add_argument("--lr", type=float, default=1e-3)
@@ -113,14 +135,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stop once validation accuracy > --band_high",
     )  # fmt: skip
     g.add_argument("--max_minutes", type=float, default=25.0, help="stop training after this wall-clock time")
-    add_settings_arguments(p.add_argument_group("task difficulty"))
+    add_settings_arguments(p.add_argument_group("task difficulty (defaults: --task's settings)"))
+    task = p.parse_known_args(argv)[0].task
+    p.set_defaults(**asdict(TASKS[task][1]))
     args = p.parse_args(argv)
+    args.out = args.out or f"checkpoints/tiny-{task}"
+    args.prefix = TASKS[task][0]
     if not 0 <= args.retry_fraction < 1:
         p.error(f"--retry_fraction must be in [0, 1), got {args.retry_fraction}")
     if not args.band_low <= args.target <= args.band_high:
         p.error(f"--target ({args.target}) must lie in [--band_low, --band_high]")
     if args.hidden_size != args.num_attention_heads * args.head_dim:
         p.error(f"--hidden_size ({args.hidden_size}) must equal --num_attention_heads x --head_dim")
+    if args.retry_style == "localized" and (args.own_errors_every < 1 or args.own_errors_pool < 2):
+        p.error(f"--own_errors_every must be >= 1 and --own_errors_pool >= 2, got {args.own_errors_every}, "
+                f"{args.own_errors_pool}")
     return args
 
 
@@ -135,12 +164,17 @@ def encode(tokenizer, problems: list[Problem]) -> list[tuple[list[int], int]]:
 def encode_retry(tokenizer, problems: list[Problem], seed: int, slip_prob: float,
                  style: str = "neutral") -> list[tuple[list[int], int]]:
     """chat(x) + attempt + "\\n\\n" + interjection + "\\n\\n" + solution + <|im_end|>; the loss starts after the
-    interjection, so the model never learns to make the slips, only to solve the problem again after one."""
+    interjection, so the model never learns to make the slips, only to solve the problem again after one.
+    (``localized`` starts from the feedback style's synthetic attempts, see :func:`encode_examples`.)"""
     rng = random.Random(seed)
+    make = retry_example if style == "neutral" else feedback_retry_example
+    return encode_examples(tokenizer, [(p, make(p, rng, slip_prob)) for p in problems])
+
+
+def encode_examples(tokenizer, examples: list[tuple[Problem, tuple[str, str, str]]]) -> list[tuple[list[int], int]]:
+    """Token ids of (problem, (attempt, interjection, target)) retry examples and their context lengths."""
     contexts, targets = [], []
-    for p in problems:
-        make = feedback_retry_example if style == "feedback" else retry_example
-        first, phrase, second = make(p, rng, slip_prob)
+    for p, (first, phrase, second) in examples:
         contexts.append(render_prompt(tokenizer, p.problem) + first + "\n\n" + phrase + "\n\n")
         targets.append(second)
     context_ids = tokenizer(contexts, add_special_tokens=False).input_ids
@@ -214,7 +248,8 @@ class Clock:
 
 
 def train_loop(
-    args, model, tokenizer, rows, retry_rows, val_problems, clock: Clock, reward: MathReward
+    args, model, tokenizer, rows, retry_rows, val_problems, clock: Clock, reward: MathReward,
+    own: OwnErrors | None = None,
 ) -> tuple[list[dict], int, dict | None]:
     """AdamW over shuffled batches with periodic validation; returns (history, last step, kept state or None)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -235,6 +270,10 @@ def train_loop(
     step, loss_ema = 0, None
     model.train()
     while step < args.steps:
+        if own is not None and own.due(step):  # the localized style: retry attempts from the model's own answers
+            examples = own.examples(model, tokenizer, step)
+            if examples:  # none when every answer of the pool was right: the previous examples stay (logged)
+                streams["retry"] = Batches(encode_examples(tokenizer, examples), args.batch_size, args.seed + 1 + step)
         kind = "retry" if retry_rows and kind_rng.random() < args.retry_fraction else "answer"
         batch = collate(streams[kind].next(), tokenizer.pad_token_id)
         for group in optimizer.param_groups:
@@ -290,7 +329,7 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
     tokenizer = build_char_tokenizer()
-    train_problems = generate_split("train", args.n_train, args.seed, settings)
+    train_problems = generate_split("train", args.n_train, args.seed, settings, prefix=args.prefix)
     val_problems = validation_problems(train_problems, args.eval_n, args.seed, settings)
     rows = encode(tokenizer, train_problems)
     retry_rows = (encode_retry(tokenizer, train_problems, args.seed, args.retry_slip_prob, args.retry_style)
@@ -300,7 +339,9 @@ def main(args: argparse.Namespace) -> None:
     log(f"{n_params / 1e6:.2f}M parameters, {len(rows)} training problems, settings {settings}")
 
     reward = MathReward()
-    history, last_step, kept = train_loop(args, model, tokenizer, rows, retry_rows, val_problems, clock, reward)
+    own = (OwnErrors(args, train_problems[::-1], reward)  # answered in reverse: the retry examples' first problems
+           if args.retry_style == "localized" and args.retry_fraction else None)
+    history, last_step, kept = train_loop(args, model, tokenizer, rows, retry_rows, val_problems, clock, reward, own)
     train_wall, train_cpu = clock.minutes()
     band = f"[{args.band_low}, {args.band_high}]"
     if kept is None:
@@ -314,7 +355,7 @@ def main(args: argparse.Namespace) -> None:
     reward.close()
     log_heldout(chosen, heldout, args)
     record = dict(settings=settings, history=history, chosen=chosen, n_params=n_params, train_wall=train_wall,
-                  train_cpu=train_cpu, **heldout)
+                  train_cpu=train_cpu, own_errors=own.refreshes if own else [], **heldout)
     save(model, tokenizer, args, record, clock)
 
 

@@ -48,6 +48,9 @@ DEMO_GRIDS = {
 SUITES = {
     "demo": Suite("checkpoints/tiny-arith", 4, {m: (CONFIGS / "demo" / f"{m}.yaml", ()) for m in METHODS[1:]},
                   CONFIGS / "demo" / "eval.yaml", DEMO_GRIDS, validation=True),
+    "demo_chain": Suite(  # its question files first: python -m sdzero_pl.tasks.chain --demo-data runs/demo_chain/data
+        "checkpoints/tiny-chain", 4, {m: (CONFIGS / "demo_chain" / f"{m}.yaml", ()) for m in METHODS[1:]},
+        CONFIGS / "demo_chain" / "eval.yaml"),
     "qwen": Suite("Qwen/Qwen3-4B-Instruct-2507", 8, {
         "rft": (CONFIGS / "qwen_rft.yaml", ()), "grpo": (CONFIGS / "qwen_grpo.yaml", ()),
         "sdft": (CONFIGS / "qwen_sdft.yaml", ()),

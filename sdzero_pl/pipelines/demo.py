@@ -1,6 +1,6 @@
 """The embedded default: SD-Zero end to end on a CPU, on a task and a model shipped in the repo.
 
-    python -m sdzero_pl.demo [--out runs/demo] [--seed 0]
+    python -m sdzero_pl.demo [--out runs/demo] [--seed 0] [--task arith|chain]
 
 1. writes the arithmetic task's disjoint question sets (``sdzero_pl.tasks.arithmetic``: phase1, phase2, heldout);
 2. Phase 1 on the shipped base model ``checkpoints/tiny-arith`` (trace collection + SRT), ``configs/demo/srt.yaml``;
@@ -12,6 +12,10 @@ Each step goes through the same LightningCLI as ``main.py`` and prints a banner 
 finished when its output directory is complete (:func:`~sdzero_pl.core.artifacts.is_complete`: its manifest,
 written last, lists every file); a finished step is reused when the command runs again (delete its folder to redo
 it), so an interrupted demo continues where it stopped and never reuses a half-written model or evaluation.
+
+``--task chain`` runs the same steps on the task's harder variant (:mod:`sdzero_pl.tasks.chain`: base model
+``checkpoints/tiny-chain``, configs ``configs/demo_chain/``, output ``runs/demo_chain``, question files with a
+validation split for tuning); the default task is unchanged.
 """
 
 from __future__ import annotations
@@ -27,11 +31,16 @@ import torch
 from sdzero_pl.cli import main as cli
 from sdzero_pl.core.artifacts import atomic_write_json, atomic_write_text, is_complete
 from sdzero_pl.core.console import short_errors
+from sdzero_pl.tasks import chain
 from sdzero_pl.tasks.arithmetic import generate_split, generate_validation, write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 SPLIT_SIZES = {"phase1": 512, "phase2": 1024, "heldout": 200}
 VALIDATION_SIZE = 200  # the comparison's tuning and premise questions (disjoint from all of the above)
+TASKS = {  # --task: (configs, base model, default output folder)
+    "arith": (CONFIGS, "checkpoints/tiny-arith", Path("runs/demo")),
+    "chain": (CONFIGS.parent / "demo_chain", "checkpoints/tiny-chain", Path("runs/demo_chain")),
+}
 
 
 def write_questions(out: Path, sizes: dict[str, int]) -> dict[str, Path]:
@@ -67,33 +76,41 @@ def fit(config: Path, run_dir: Path, model: str, seed: int, flags: list[str]) ->
     return export
 
 
-def run_phase1(out: Path, base: str, questions: Path, seed: int, extra: list[str]) -> Path:
+def task_questions(task: str, out: Path) -> dict[str, Path]:
+    """``--task``'s question files under ``out/data`` (chain: also ``validation`` and ``train``)."""
+    if task == "chain":
+        return chain.write_demo_data(out / "data", {**SPLIT_SIZES, "validation": chain.DEMO_SIZES["validation"]})
+    return write_questions(out, SPLIT_SIZES)
+
+
+def run_phase1(out: Path, base: str, questions: Path, seed: int, extra: list[str], configs: Path = CONFIGS) -> Path:
     run_dir = out / "srt"
     banner("Phase 1 of 2: Self-Revision Training (SRT)", [
         f"{base} answers each question of {questions} once, then revises its own answer 3 times after the control",
         "phrase its reward picks; the verified revisions are kept and the model is fine-tuned on them",
-        f"(configs/demo/srt.yaml) -> {run_dir / 'hf_model'}"])
-    return fit(CONFIGS / "srt.yaml", run_dir, base, seed,
+        f"({configs / 'srt.yaml'}) -> {run_dir / 'hf_model'}"])
+    return fit(configs / "srt.yaml", run_dir, base, seed,
                [f"--data.questions.dataset={questions}", f"--data.output_dir={run_dir / 'srt_data'}", *extra])
 
 
-def run_phase2(out: Path, srt: Path, questions: Path, seed: int, extra: list[str]) -> Path:
+def run_phase2(out: Path, srt: Path, questions: Path, seed: int, extra: list[str], configs: Path = CONFIGS) -> Path:
     banner("Phase 2 of 2: SD-Zero, on-policy self-distillation", [
         f"the SRT model answers new questions of {questions}; a frozen copy of it, shown the answer and the control",
         "phrase its reward picks, re-scores the answer token by token, and the model is distilled towards that",
-        f"reviser (configs/demo/sdzero.yaml) -> {out / 'sdzero' / 'hf_model'}; self-localization under",
+        f"reviser ({configs / 'sdzero.yaml'}) -> {out / 'sdzero' / 'hf_model'}; self-localization under",
         f"{out / 'sdzero'}/tensorboard/*/self_localization/ (responses.html: where the teacher disagrees)"])
-    return fit(CONFIGS / "sdzero.yaml", out / "sdzero", str(srt), seed, [f"--data.questions.dataset={questions}", *extra])
+    return fit(configs / "sdzero.yaml", out / "sdzero", str(srt), seed, [f"--data.questions.dataset={questions}", *extra])
 
 
-def evaluate(out: Path, name: str, model: str, heldout: Path, seed: int, extra: list[str]) -> dict:
+def evaluate(out: Path, name: str, model: str, heldout: Path, seed: int, extra: list[str],
+             configs: Path = CONFIGS) -> dict:
     """Held-out metrics of one model (reused from ``<out>/eval/<name>/`` when that evaluation is complete)."""
     results_dir = out / "eval" / name
     path = results_dir / "eval_val.json"
     if is_complete(results_dir):
         print(f"  {name}: evaluated before, reusing {path}", flush=True)
     else:
-        cli(["validate", "--config", str(CONFIGS / "eval.yaml"), f"--seed_everything={seed}", "--verbose=false",
+        cli(["validate", "--config", str(configs / "eval.yaml"), f"--seed_everything={seed}", "--verbose=false",
              f"--model.model_name_or_path={model}", f"--model.results_dir={results_dir}", f"--model.seed={seed}",
              f"--trainer.default_root_dir={results_dir}", f"--data.benchmarks=[{heldout}]", *extra])
     return json.loads(path.read_text())["results"][heldout.stem]
@@ -134,9 +151,15 @@ def results_table(rows: dict[str, dict], budgets: dict[str, dict], k: int) -> st
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sdzero_pl.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    parser.add_argument("--task", choices=tuple(TASKS), default="arith",
+                        help="arith (default): the embedded arithmetic task and checkpoints/tiny-arith; chain: its "
+                             "harder variant (sdzero_pl.tasks.chain), checkpoints/tiny-chain and configs/demo_chain")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default runs/demo; runs/demo_chain with --task chain)")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and training (default 0)")
-    parser.add_argument("--base", default="checkpoints/tiny-arith", help="base model directory")
+    parser.add_argument("--base", default=None,
+                        help="base model directory (default checkpoints/tiny-arith; checkpoints/tiny-chain with "
+                             "--task chain)")
     parser.add_argument("--k", type=int, default=4, help="samples per held-out question (avg@k, pass@k)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the tiny model gains nothing from more, and several "
@@ -147,20 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill ``--out`` and ``--base`` from ``--task`` where they were not given; adds ``args.configs``."""
+    configs, base, out = TASKS[args.task]
+    return argparse.Namespace(**{**vars(args), "configs": configs, "base": args.base or base, "out": args.out or out})
+
+
 def run(args: argparse.Namespace) -> dict:
+    args = resolve(args)
     torch.set_num_threads(args.threads)
-    out = args.out / f"seed{args.seed}"
-    questions = write_questions(args.out, SPLIT_SIZES)
-    srt = run_phase1(out, args.base, questions["phase1"], args.seed, args.phase1_arg)
-    sdzero = run_phase2(out, srt, questions["phase2"], args.seed, args.phase2_arg)
+    out, configs = args.out / f"seed{args.seed}", args.configs
+    questions = task_questions(args.task, args.out)
+    srt = run_phase1(out, args.base, questions["phase1"], args.seed, args.phase1_arg, configs)
+    sdzero = run_phase2(out, srt, questions["phase2"], args.seed, args.phase2_arg, configs)
     eval_args = [f"--model.num_samples={args.k}", f"--model.pass_k=[1, {args.k}]", *args.eval_arg]
     models = {"base": args.base, "SRT (Phase 1)": str(srt), "SD-Zero (Phase 2)": str(sdzero)}
     rows = {}
     for index, ((name, model), key) in enumerate(zip(models.items(), ("base", "srt", "sdzero"))):
         banner(f"Evaluation {index + 1} of 3: {name} = {model}", [
             f"{args.k} samples per held-out question ({questions['heldout']}), each then revised once "
-            f"(configs/demo/eval.yaml) -> {out / 'eval' / key}"])
-        rows[name] = evaluate(out, key, model, questions["heldout"], args.seed, eval_args)
+            f"({configs / 'eval.yaml'}) -> {out / 'eval' / key}"])
+        rows[name] = evaluate(out, key, model, questions["heldout"], args.seed, eval_args, configs)
     budgets = {"SRT (Phase 1)": budget(srt), "SD-Zero (Phase 2)": budget(sdzero)}
     table = results_table(rows, budgets, args.k)
     notes = legend(args.k, sum(1 for line in questions["heldout"].read_text().splitlines() if line.strip()))

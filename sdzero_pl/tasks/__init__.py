@@ -10,5 +10,5 @@ from sdzero_pl.tasks.code import CodeReward, extract_code
 from sdzero_pl.tasks.final_number import FinalNumberReward
 from sdzero_pl.tasks.math import MathReward, extract_last_boxed
 
-__all__ = ["RewardBatch", "StepVerifier", "Verifier", "MathReward", "CodeReward", "ArithmeticReward", "extract_last_boxed",
-           "extract_code", "FinalNumberReward"]
+__all__ = ["RewardBatch", "StepVerifier", "Verifier", "MathReward", "CodeReward", "ArithmeticReward",
+           "extract_last_boxed", "extract_code", "FinalNumberReward"]

@@ -161,8 +161,10 @@ def render(rng: random.Random, start: int, steps: list[tuple[str, int]]) -> tupl
     return " ".join(sentences), worked_solution(start, steps), str(value)
 
 
-def iter_problems(split: str, seed: int = 0, settings: TaskSettings | None = None) -> Iterator[Problem]:
-    """Endless stream of distinct problems owned by ``split``, deterministic from ``(split, seed, settings)``."""
+def iter_problems(split: str, seed: int = 0, settings: TaskSettings | None = None,
+                  prefix: str = "arith") -> Iterator[Problem]:
+    """Endless stream of distinct problems owned by ``split``, deterministic from ``(split, seed, settings)``; ids
+    read ``<prefix>-<split>-<seed>-<i>`` (``prefix`` names the task variant: ``sdzero_pl.tasks.chain``)."""
     if split not in SPLIT_SHARES:
         raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}")
     settings = settings or TaskSettings()
@@ -179,15 +181,16 @@ def iter_problems(split: str, seed: int = 0, settings: TaskSettings | None = Non
                 raise RuntimeError(f"split {split!r} ran out of distinct problems after {count}: widen the settings")
             continue
         seen.add(question)
-        yield Problem(id=f"arith-{split}-{seed}-{count}", problem=question, answer=answer, solution=solution)
+        yield Problem(id=f"{prefix}-{split}-{seed}-{count}", problem=question, answer=answer, solution=solution)
         count += 1
 
 
-def generate_split(split: str, n: int, seed: int = 0, settings: TaskSettings | None = None) -> list[Problem]:
-    """The first ``n`` problems of ``iter_problems(split, seed, settings)``."""
+def generate_split(split: str, n: int, seed: int = 0, settings: TaskSettings | None = None,
+                   prefix: str = "arith") -> list[Problem]:
+    """The first ``n`` problems of ``iter_problems(split, seed, settings, prefix)``."""
     if n < 0:
         raise ValueError(f"`n` must be >= 0, got {n}")
-    stream = iter_problems(split, seed, settings)
+    stream = iter_problems(split, seed, settings, prefix)
     return [next(stream) for _ in range(n)]
 
 
