@@ -254,9 +254,9 @@ def run_inline(args: argparse.Namespace, step: Step) -> bool:
         try:
             run_step(args, step)
             return True
-        except KeyboardInterrupt:
-            raise
         except BaseException:  # noqa: BLE001 - the CLI exits with SystemExit on a bad flag: a failed step too
+            if scheduler.interrupted():  # Ctrl-C / SIGTERM, even as the CLI's SystemExit: stop the comparison
+                raise KeyboardInterrupt from None
             traceback.print_exc()
             return False
 

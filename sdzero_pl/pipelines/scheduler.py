@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,31 @@ def redirected(log: Path) -> Iterator[None]:
                 os.close(fd)
 
 
+_INTERRUPTED = []  # the signals received while steps run
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C or SIGTERM arrived while the steps ran: a step's own CLI (Lightning) turns an interrupt into
+    ``SystemExit(1)``, which must stop the comparison, not count as one failed step before the next one starts."""
+    return bool(_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (and are remembered) while the block runs."""
+    def stop(signum, frame) -> None:
+        _INTERRUPTED.append(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    _INTERRUPTED.clear()
+    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def run_steps(steps: Sequence[Step], *, jobs: int, finished: Callable[[Step], bool],
               needs: Callable[[Step], list[Step]], describe: Callable[[Step], str], log: Callable[[Step], Path],
               run_here: Callable[[Step], bool], start: Callable[[Step], subprocess.Popen]) -> list[str]:
@@ -59,6 +85,19 @@ def run_steps(steps: Sequence[Step], *, jobs: int, finished: Callable[[Step], bo
         else:
             failed[step] = f"{name} failed: see {path}" if seconds is not None else f"{name} {state}"
 
+    with stop_on_signals():
+        try:
+            _loop(pending, running, done, failed, jobs, needs, log, run_here, start, finish)
+        except KeyboardInterrupt:  # stop the workers too; finished steps are kept, the rest redo on the next run
+            for process, _ in running.values():
+                process.terminate()
+            for process, _ in running.values():
+                process.wait()
+            raise
+    return list(failed.values())
+
+
+def _loop(pending, running, done, failed, jobs, needs, log, run_here, start, finish) -> None:
     while pending or running:
         for step in list(pending):
             broken = [d for d in needs(step) if d in failed]
@@ -81,4 +120,3 @@ def run_steps(steps: Sequence[Step], *, jobs: int, finished: Callable[[Step], bo
             time.sleep(1.0)
         elif pending and not any(all(d in done or d in failed for d in needs(s)) for s in pending):
             raise AssertionError(f"steps wait on steps that never run: {[str(s) for s in pending]}")
-    return list(failed.values())

@@ -101,3 +101,33 @@ def test_bad_tuning_flags_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         compare.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_comparison_even_when_the_step_turns_it_into_system_exit(tmp_path, monkeypatch):
+    # Lightning catches the interrupt inside a fit and exits with SystemExit(1): that must not read as one failed
+    # step after which the next one starts (it did: `compare --jobs 1` could only be stopped with kill -9)
+    import os
+    import signal
+    from argparse import Namespace
+
+    from sdzero_pl.pipelines import compare, scheduler
+    from sdzero_pl.pipelines.compare_plan import Step
+
+    ran = []
+
+    def step_like_lightning(args, step):
+        ran.append(step)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            raise SystemExit(1)
+
+    monkeypatch.setattr(compare, "run_step", step_like_lightning)
+    monkeypatch.setattr(compare, "log_path", lambda args, step: tmp_path / f"{step.method}.log")
+    steps = [Step(0, "srt", "train"), Step(0, "rft", "train")]
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.run_steps(steps, jobs=1, finished=lambda s: False, needs=lambda s: [], describe=str,
+                            log=lambda s: tmp_path / f"{s.method}.log",
+                            run_here=lambda s: compare.run_inline(Namespace(), s), start=None)
+    assert ran == steps[:1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
