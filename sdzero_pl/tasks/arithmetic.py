@@ -360,9 +360,6 @@ def settings_from_args(args: argparse.Namespace) -> TaskSettings:
 
 
 # ----------------------------------------------------------------------------------------------------- reward
-_STEP = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)")
-
-
 def worked_steps_valid(completion: str) -> bool:
     """True when the completion's final solution is a chain of correct equations ending in its boxed value.
 
@@ -377,19 +374,18 @@ def worked_steps_valid(completion: str) -> bool:
     if box < 0 or not final.endswith("}"):
         return False
     steps = [s.strip() for s in final[:box].strip().split(".") if s.strip()]
-    boxed = final[box + len("\\boxed{") : -1].strip()
     if not steps:
         return False
     previous = None
     for step in steps:
-        match = _STEP.fullmatch(step)
+        match = _EQUATION.fullmatch(step + ".")
         if match is None:
             return False
         left, op, operand, result = int(match[1]), match[2], int(match[3]), int(match[4])
         if _apply(left, op, operand) != result or (previous is not None and left != previous):
             return False
         previous = result
-    return boxed == str(previous)
+    return final[box + len("\\boxed{") : -1].strip() == str(previous)
 
 
 def first_error(completion: str, solution: str) -> int | None:
