@@ -158,14 +158,14 @@ def check_keeps(keeps: Sequence[str], hide: Sequence[str]) -> None:
 # ------------------------------------------------------------------------------ child side (between fork and exec)
 
 
-def _check(rc: int, what: str) -> None:
+def check(rc: int, what: str) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def _mount(source: bytes | None, target: str, fstype: bytes | None, flags: int, data: bytes | None, what: str) -> None:
-    _check(_LIBC.mount(source, target.encode(), fstype, flags, data), f"{what} ({target})")
+    check(_LIBC.mount(source, target.encode(), fstype, flags, data), f"{what} ({target})")
 
 
 def _remount(target: str, read_only: bool) -> None:
@@ -184,7 +184,7 @@ def _make_all_read_only() -> None:
     attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
     rc = _LIBC.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(_AT_FDCWD), b"/",
                        ctypes.c_uint(_AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
-    _check(int(rc), "make every mount read-only (mount_setattr, Linux >= 5.12)")
+    check(int(rc), "make every mount read-only (mount_setattr, Linux >= 5.12)")
 
 
 def _mkdirs(path: str) -> None:
@@ -236,7 +236,7 @@ def build(layout: Layout) -> None:
         _mount(f"/proc/self/fd/{src_fd}".encode(), point, None, MS_BIND, None, "bind")
         _remount(point, read_only=not writable)
         _replace_fd(fd, point)
-        _check(_LIBC.umount2(point.encode(), MNT_DETACH), f"detach {point}")  # lives on through the descriptor
+        check(_LIBC.umount2(point.encode(), MNT_DETACH), f"detach {point}")  # lives on through the descriptor
         os.rmdir(point)
     for fd, path in layout.reopen:
         _replace_fd(fd, path)
