@@ -125,8 +125,8 @@ def t_test(diffs: Sequence[float]) -> float:
     if n < 2:
         return math.nan
     mean, std = mean_std(diffs)
-    if std == 0.0:
-        return 1.0 if mean == 0.0 else 0.0
+    if std <= 1e-12 * max(1.0, abs(mean)):  # equal differences (up to rounding): no variance to test against
+        return 1.0 if abs(mean) <= 1e-12 else 0.0
     t = mean / (std / math.sqrt(n))
     df = n - 1
     return betainc(df / 2.0, 0.5, df / (df + t * t))
@@ -164,9 +164,12 @@ def hierarchical_bootstrap(method: Sequence[dict], reference: Sequence[dict], re
 
 def format_p(p: float, resamples: int | None = None) -> str:
     """A p-value for a table: ``n/a`` for NaN; ``< 1/N`` when it is 0 after N resamples (or sits at the floor
-    ``1/(N+1)`` of a random permutation test); three significant digits otherwise."""
+    ``1/(N+1)`` of a random permutation test); an analytic 0 (:func:`t_test` of equal, non-zero differences: no
+    variance to test against) says so; three significant digits otherwise."""
     if math.isnan(p):
         return "n/a"
+    if p == 0.0 and not resamples:
+        return "0 (equal differences)"
     if resamples and (p == 0.0 or p <= 1.0 / (resamples + 1) + 1e-15):
         return f"< 1/{resamples:,}"
     return f"{p:.3g}"

@@ -109,3 +109,4 @@ def test_p_values_at_the_floor_print_as_less_than_one_over_n():
     assert stats.format_p(0.0, 10_000) == "< 1/10,000"
     assert stats.format_p(1 / 10_001, 10_000) == "< 1/10,000"
     assert stats.format_p(0.0123, 10_000) == "0.0123" and stats.format_p(math.nan) == "n/a"
+    assert stats.format_p(stats.t_test([0.2, 0.2, 0.2])) == "0 (equal differences)"  # not a bare "0"
