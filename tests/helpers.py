@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 
 from sdzero_pl.rollout import HFRollout
@@ -69,3 +70,12 @@ def assert_only_adapters_changed(model, start_dir: str) -> None:
     for name, param in frozen:
         assert torch.equal(param, start[name.replace(".base_layer", "")]), f"{name} changed"
     assert all(float(layer.lora_B[ADAPTER].weight.detach().abs().max()) > 0 for layer in lora_layers(model))
+
+
+def vllm_importable() -> bool:
+    """Whether ``import vllm`` works here (the vLLM tests skip themselves otherwise)."""
+    try:
+        importlib.import_module("vllm")
+    except Exception:  # noqa: BLE001  (a CUDA-linked torchvision breaks `import vllm` with other errors too)
+        return False
+    return True

@@ -118,7 +118,7 @@ def test_position_ids_count_real_tokens_only():
 def test_masks_exclude_prompt_and_padding():
     batch = _batch("right", pad=0)
     for role in ("student", "teacher"):
-        ids, mask, attn = batch[f"{role}_ids"], batch[f"{role}_mask"], batch[f"{role}_attention_mask"]
+        mask, attn = batch[f"{role}_mask"], batch[f"{role}_attention_mask"]
         assert not torch.any(mask.bool() & ~attn.bool())  # no padding in the loss
     assert batch["student_mask"][:, :3].sum() == 0  # no prompt token in the loss
 

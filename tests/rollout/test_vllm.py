@@ -31,17 +31,9 @@ from sdzero_pl.phase2.onpolicy import OnPolicyDataModule  # noqa: E402
 from sdzero_pl.rollout import HFRollout, VLLMRollout  # noqa: E402
 from sdzero_pl.rollout.staleness import logprob_gap, sampled_token_logps  # noqa: E402
 from sdzero_pl.tasks import MathReward  # noqa: E402
+from tests.helpers import vllm_importable  # noqa: E402
 
-
-def _vllm_importable() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # noqa: BLE001  (a CUDA-linked torchvision breaks `import vllm` with other errors too)
-        return False
-    return True
-
-
-VLLM = _vllm_importable()
+VLLM = vllm_importable()
 
 
 def needs_vllm(test):
