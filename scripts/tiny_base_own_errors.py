@@ -30,10 +30,18 @@ class OwnErrors:
         self.args, self.problems, self.reward = args, problems, reward
         self.refreshes: list[dict] = []
         self.cursor = 0
+        self.first: int | None = None  # the step of the first rebuild, once it happened
 
-    def due(self, step: int) -> bool:
-        start, every = self.args.own_errors_from, self.args.own_errors_every
-        return step >= start and (step - start) % every == 0
+    def due(self, step: int, accuracy: float | None = None) -> bool:
+        """True at the first step >= ``--own_errors_from`` where the latest validation ``accuracy`` is at least
+        ``--own_errors_min_accuracy`` (None: no validation yet), then every ``--own_errors_every`` steps after it."""
+        if self.first is None:
+            threshold = getattr(self.args, "own_errors_min_accuracy", 0.0)
+            ready = threshold <= 0 or (accuracy is not None and accuracy >= threshold)
+            if step < self.args.own_errors_from or not ready:
+                return False
+            self.first = step
+        return (step - self.first) % self.args.own_errors_every == 0
 
     def examples(self, model, tokenizer, step: int) -> list[tuple[Problem, tuple[str, str, str]]]:
         """(problem, (attempt, interjection, target)) for a fresh pool of training problems answered by ``model``;

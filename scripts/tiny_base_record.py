@@ -107,7 +107,9 @@ def training_md(args: argparse.Namespace, r: dict) -> str:
         "neutral": f"attempt, neutral interjection, solution; {args.retry_slip_prob:.0%} of the attempts with an "
                    "arithmetic slip",
         "localized": f"attempt, feedback that says whether it is right, solution; until step {args.own_errors_from} "
-                     "the feedback style's synthetic attempts, then the model's OWN answers to "
+                     + (f"and a validation accuracy of at least {args.own_errors_min_accuracy}, "
+                        if getattr(args, "own_errors_min_accuracy", 0) > 0 else "")
+                     + "the feedback style's synthetic attempts, then the model's OWN answers to "
                      f"{args.own_errors_pool} fresh training problems (temperature {args.own_errors_temperature}), "
                      f"rebuilt every {args.own_errors_every} steps and balanced to {args.retry_slip_prob:.0%} wrong; "
                      "the target, the canonical solution, repeats a wrong attempt's correct steps and fixes its "

@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--own_errors_from", type=int, default=300,
                    help="localized: first step whose retry examples are built from the model's own answers")
+    g.add_argument("--own_errors_min_accuracy", type=float, default=0.0,
+                   help="localized: start the rebuilds only once the latest validation accuracy reaches this (so the "
+                        "model's wrong answers are mostly one wrong step in a right chain, not wrong from the start)")
     g.add_argument("--own_errors_every", type=int, default=100, help="localized: steps between rebuilds")
     g.add_argument("--own_errors_pool", type=int, default=1024, help="localized: training problems answered per rebuild")
     g.add_argument("--own_errors_temperature", type=float, default=1.0,
@@ -267,10 +270,10 @@ def train_loop(
     kind_rng = random.Random(args.seed)
     history: list[dict] = []
     kept: dict | None = None  # {"step", "accuracy", "state"} of the in-band evaluation closest to --target
-    step, loss_ema = 0, None
+    step, loss_ema, accuracy = 0, None, None  # accuracy: the latest validation accuracy
     model.train()
     while step < args.steps:
-        if own is not None and own.due(step):  # the localized style: retry attempts from the model's own answers
+        if own is not None and own.due(step, accuracy):  # the localized style: retry attempts from the model's own answers
             examples = own.examples(model, tokenizer, step)
             if examples:  # none when every answer of the pool was right: the previous examples stay (logged)
                 streams["retry"] = Batches(encode_examples(tokenizer, examples), args.batch_size, args.seed + 1 + step)
@@ -290,6 +293,7 @@ def train_loop(
         if step % args.eval_every and step != args.steps and not out_of_time:
             continue
         result = measure(model, tokenizer, val_problems, args, reward, seed=args.seed)
+        accuracy = result["accuracy"]
         model.train()
         wall, cpu = clock.minutes()
         history.append({"step": step, "wall_min": wall, "cpu_min": cpu, "loss": loss_ema,

@@ -137,6 +137,9 @@ def test_own_error_retry_examples_balance_the_model_answers(monkeypatch):
                               retry_slip_prob=0.5, seed=0)
     builder = own.OwnErrors(args, problems, reward=None)
     assert [s for s in range(12) if builder.due(s)] == [5, 8, 11]
+    gated = own.OwnErrors(argparse.Namespace(**{**vars(args), "own_errors_min_accuracy": 0.25}), problems, None)
+    accuracy = {s: (None if s < 4 else 0.1 if s < 7 else 0.3) for s in range(14)}  # the latest validation result
+    assert [s for s in range(14) if gated.due(s, accuracy[s])] == [7, 10, 13]  # starts once accuracy >= 0.25
     examples = builder.examples(Model(), None, 5)
     record = builder.refreshes[0]
     assert (record["wrong"], record["right"], record["restated"]) == (10, 3, 7)  # 17 of 20 wrong, kept 10 + 10
