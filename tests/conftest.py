@@ -16,9 +16,17 @@ import torch  # noqa: E402
 from sdzero_pl.core.tiny import save_tiny_model  # noqa: E402
 
 
+def _is_vllm(item) -> bool:
+    return item.path.name.endswith("vllm.py")  # test_vllm.py, test_smollm2_vllm.py
+
+
 def pytest_collection_modifyitems(config, items):
-    """The in-process vLLM engine pins the process to one torch thread: its tests run after all the others."""
-    items.sort(key=lambda item: item.path.name.endswith("vllm.py"))  # test_vllm.py, test_smollm2_vllm.py
+    """The in-process vLLM engine pins the process to one torch thread: its tests run after all the others, and
+    under pytest-xdist (``scripts/test.sh`` runs ``-n N --dist loadgroup``) all on one worker, one engine at a time."""
+    items.sort(key=_is_vllm)
+    for item in items:
+        if _is_vllm(item):
+            item.add_marker(pytest.mark.xdist_group("vllm"))
 
 
 @pytest.fixture(scope="module")
