@@ -42,8 +42,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from perf.phase2_step import (  # noqa: E402
-    SIZES, env_threads, load_module, lognormal_lengths, optimizer_step, plan_batches, run_modes, synchronize,
-    synthetic_examples, write_worker_result
+    SIZES, add_timing_arguments, env_threads, load_module, lognormal_lengths, optimizer_step, plan_batches, run_modes,
+    synchronize, synthetic_examples, write_worker_result
 )
 from sdzero_pl.core.artifacts import atomic_write_json  # noqa: E402
 
@@ -187,14 +187,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per subprocess (after a warm-up step)")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", default=None, help="directory for the model and the workers' results")
-    parser.add_argument("--json", default=None, help="also write the summary here")
-    parser.add_argument("--mode", choices=MODES, default=None, help=argparse.SUPPRESS)  # worker mode
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    add_timing_arguments(parser, MODES, rounds=2)
     return parser.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ parameter ratio, 7 : 1 here vs 8.6 : 1, at a CPU-sized width) and Qwen3-4B's own
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -175,6 +176,19 @@ def worker_flags(args, skip: tuple[str, ...]) -> list[str]:
     are the caller's: argparse spells them differently)."""
     return [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k not in skip and v is not None and not isinstance(v, bool)]
+
+
+def add_timing_arguments(parser, modes: tuple[str, ...], rounds: int) -> None:
+    """The flags every interleaved-subprocess benchmark shares: timed steps, rounds, threads, seed, where to keep the
+    model, the JSON summary, and the hidden worker-mode flags (``--mode``, ``--out``)."""
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per subprocess (after a warm-up step)")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", default=None, help="directory for the model and the workers' results")
+    parser.add_argument("--json", default=None, help="also write the summary here")
+    parser.add_argument("--mode", choices=modes, default=None, help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
 
 
 def run_worker(name: str, cmd: list[str], out: str, env: dict | None = None) -> dict:
