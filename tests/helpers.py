@@ -79,3 +79,24 @@ def vllm_importable() -> bool:
     except Exception:  # noqa: BLE001  (a CUDA-linked torchvision breaks `import vllm` with other errors too)
         return False
     return True
+
+
+def assert_scores_as_recorded(model_dir, questions, recorded: float, max_new_tokens: int) -> None:
+    """A shipped base model scores on ``questions`` (one sample each at T = 0.7, the evaluator its TRAINING.md was
+    measured with) within 3 sigma of the accuracy that record states."""
+    import math
+
+    from sdzero_pl.core.models import load_model, load_tokenizer
+    from sdzero_pl.evaluation.evaluate import evaluate_questions
+    from sdzero_pl.tasks import MathReward
+
+    reward = MathReward()
+    try:
+        row, _ = evaluate_questions(load_model(str(model_dir), "float32"), load_tokenizer(str(model_dir)), questions,
+                                    rollout=HFRollout(temperature=0.7, max_new_tokens=max_new_tokens,
+                                                      show_progress=False),
+                                    reward=reward, batch_size=64, seed=0)
+    finally:
+        reward.close()
+    noise = 3 * math.sqrt(recorded * (1 - recorded) / len(questions))  # 3 sigma of a sample of that size
+    assert abs(row["avg@1"] - recorded) <= noise, (row["avg@1"], recorded)

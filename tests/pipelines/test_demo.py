@@ -1,19 +1,15 @@
 """The embedded default: the shipped model loads and scores what its TRAINING.md says; a shortened demo runs."""
 
 import json
-import math
 import re
 from pathlib import Path
 
 import pytest
 
-from sdzero_pl.core.models import load_model, load_tokenizer
 from sdzero_pl.data.questions import Question
-from sdzero_pl.evaluation.evaluate import evaluate_questions
 from sdzero_pl.pipelines import demo
-from sdzero_pl.rollout import HFRollout
-from sdzero_pl.tasks import MathReward
 from sdzero_pl.tasks.arithmetic import generate_split
+from tests.helpers import assert_scores_as_recorded
 
 SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-arith"
 
@@ -31,15 +27,7 @@ def test_shipped_model_is_small_and_scores_what_its_training_record_says():
     assert 0.3 <= recorded <= 0.6, "deliberately imperfect: room for SD-Zero to improve"
     n = 60  # the evaluator TRAINING.md was measured with (scripts/train_tiny_base.py --measure), on fewer questions
     questions = [Question(p.id, p.problem, p.answer) for p in generate_split("heldout", n, seed=0)]
-    reward = MathReward()
-    try:
-        row, _ = evaluate_questions(load_model(str(SHIPPED), "float32"), load_tokenizer(str(SHIPPED)), questions,
-                                    rollout=HFRollout(temperature=0.7, max_new_tokens=96, show_progress=False),
-                                    reward=reward, batch_size=64, seed=0)
-    finally:
-        reward.close()
-    noise = 3 * math.sqrt(recorded * (1 - recorded) / n)  # 3 sigma of a 60-question sample
-    assert abs(row["avg@1"] - recorded) <= noise, (row["avg@1"], recorded)
+    assert_scores_as_recorded(SHIPPED, questions, recorded, max_new_tokens=96)
 
 
 def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):

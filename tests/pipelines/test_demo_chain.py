@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -74,12 +73,9 @@ def test_the_task_flag_picks_the_chain_model_configs_and_questions(tmp_path, mon
 
 
 def test_shipped_chain_model_is_small_and_scores_what_its_training_record_says():
-    from sdzero_pl.core.models import load_model, load_tokenizer
     from sdzero_pl.data.questions import Question
-    from sdzero_pl.evaluation.evaluate import evaluate_questions
-    from sdzero_pl.rollout import HFRollout
-    from sdzero_pl.tasks import MathReward
     from sdzero_pl.tasks.chain import chain_split
+    from tests.helpers import assert_scores_as_recorded
 
     shipped = CONFIGS.parent / "checkpoints" / "tiny-chain"
     assert sum(f.stat().st_size for f in shipped.iterdir()) < 10 * 2**20
@@ -88,12 +84,4 @@ def test_shipped_chain_model_is_small_and_scores_what_its_training_record_says()
     recorded = float(re.search(r"\*\*accuracy ([0-9.]+)\*\*", record).group(1))
     n = 60
     questions = [Question(p.id, p.problem, p.answer) for p in chain_split("heldout", n, 0)]
-    reward = MathReward()
-    try:
-        row, _ = evaluate_questions(load_model(str(shipped), "float32"), load_tokenizer(str(shipped)), questions,
-                                    rollout=HFRollout(temperature=0.7, max_new_tokens=128, show_progress=False),
-                                    reward=reward, batch_size=64, seed=0)
-    finally:
-        reward.close()
-    noise = 3 * math.sqrt(recorded * (1 - recorded) / n)  # 3 sigma of a 60-question sample
-    assert abs(row["avg@1"] - recorded) <= noise, (row["avg@1"], recorded)
+    assert_scores_as_recorded(shipped, questions, recorded, max_new_tokens=128)

