@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import traceback
@@ -66,7 +65,7 @@ from sdzero_pl.pipelines.compare_plan import (
     KIND_OF_PREMISE, KINDS, LABELS, METHODS, REFERENCE, START, Step, TunePlan, needs, plan
 )
 from sdzero_pl.pipelines.compare_premises import premise_methods, premise_verdicts, run_premise
-from sdzero_pl.pipelines.compare_suites import CONFIGS, DATA_DIRS, DEMO_GRIDS, SUITES, Suite
+from sdzero_pl.pipelines.compare_suites import CONFIGS, DATA_DIRS, DEMO_GRIDS, SUITES, Suite, question_files
 from sdzero_pl.pipelines.scheduler import redirected
 
 __all__ = ["CONFIGS", "DEMO_GRIDS", "KINDS", "KIND_OF_PREMISE", "LABELS", "METHODS", "REFERENCE", "START", "SUITES",
@@ -120,19 +119,8 @@ def finished(args: argparse.Namespace, step: Step) -> bool:
                        else eval_dir(args, step.seed, step.method, step.point))
 
 
-def demo_questions(out: Path) -> dict[str, Path]:
-    """The demo's splits, the validation split (:func:`~sdzero_pl.tasks.arithmetic.generate_validation`: tuning and
-    premises) plus ``train``: phase1 + phase2 shuffled once (seed 0), the baselines' question pool, so any prefix
-    of it mixes both. Existing files are kept (written aside and renamed, as the demo's)."""
-    paths = demo.write_questions(out, {**demo.SPLIT_SIZES, "validation": demo.VALIDATION_SIZE})
-    union = out / "data" / "train.jsonl"
-    if not union.exists():
-        rows = [line for split in ("phase1", "phase2") for line in paths[split].read_text().splitlines() if line]
-        random.Random(0).shuffle(rows)
-        tmp = union.with_name(f"{union.name}.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(rows) + "\n")
-        os.replace(tmp, union)
-    return {**paths, "train": union}
+def suite_questions(args: argparse.Namespace) -> dict[str, Path]:
+    return question_files(args.suite, args.out)
 
 
 def method_args(args: argparse.Namespace, method: str) -> list[str]:
@@ -203,8 +191,8 @@ def train(args: argparse.Namespace, seed: int, method: str, point: int | None = 
         start = str(export_dir(args, seed, START[method], chosen(args, START[method]).index))
     else:
         start = str(export_dir(args, seed, START[method]))
-    if args.suite == "demo":
-        extra = [f"--data.questions.dataset={demo_questions(args.out)[DATASET.get(method, 'train')]}", *extra]
+    if SUITES[args.suite].validation:
+        extra = [f"--data.questions.dataset={suite_questions(args)[DATASET.get(method, 'train')]}", *extra]
     config, fixed = SUITES[args.suite].configs[method]
     directory = run_dir(args, seed, method, point)
     data_dir = [f"--data.output_dir={directory / DATA_DIRS[method]}"] if method in DATA_DIRS else []
@@ -217,11 +205,12 @@ def evaluate(args: argparse.Namespace, seed: int, method: str, point: int | None
     model = args.base if method == "base" else str(export_dir(args, seed, method, point))
     flags = [f"--model.num_samples={args.k}", f"--model.pass_k={sorted({1, args.k})}", "--model.save_samples=true",
              *args.eval_arg, *([f"--data.max_questions={args.tune_questions}"] if point is not None else [])]
-    if args.suite == "demo":  # <seed>/<method>/eval/heldout; generate-then-revise is the demo's, not this table's
+    suite = SUITES[args.suite]
+    if suite.validation:  # <seed>/<method>/eval/heldout; generate-then-revise is the demo's, not this table's
         split = "heldout" if point is None else "validation"
         overrides = [] if point is None else ['--data.benchmark_overrides={"validation": {"id_field": "id"}}']
-        demo.evaluate(directory.parent.parent, directory.name, model, demo_questions(args.out)[split], seed,
-                      ["--model.revise=false", *overrides, *flags])
+        demo.evaluate(directory.parent.parent, directory.name, model, suite_questions(args)[split], seed,
+                      ["--model.revise=false", *overrides, *flags], configs=suite.eval_config.parent)
     elif point is not None:
         raise ValueError(f"`--suite {args.suite}` has no validation split to evaluate grid points on")
     elif not is_complete(directory):
@@ -236,7 +225,7 @@ def premise(args: argparse.Namespace, seed: int, method: str) -> None:
     suite = SUITES[args.suite]
     config = suite.configs["sdzero" if method == "srt" else method][0]
     model = str(export_dir(args, seed, "srt")) if method == "srt" else args.base
-    run_premise(method, model, demo_questions(args.out)["validation"], config, suite.eval_config,
+    run_premise(method, model, suite_questions(args)["validation"], config, suite.eval_config,
                 premise_dir(args, seed, method), args.premise_questions, seed)
 
 
@@ -359,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tune", action="store_true",
                         help="first tune every method on the validation split: each point of its grid (the suite's, "
                              "centred on its config) trained on --tune-seed and scored by validation avg@k; the final "
-                             "runs use the chosen point (suites with a validation split: demo)")
+                             "runs use the chosen point (suites with a validation split: demo, demo_chain)")
     parser.add_argument("--tune-shape", default="3x3",
                         help="values per grid axis (default 3x3; 2x2, 3x1, ...: the same reduction for every method, "
                              "centre first, then the value below, then above)")
@@ -415,8 +404,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def run(args: argparse.Namespace) -> dict | None:
     """Every step, then the table; None (after naming them) when some step failed."""
     torch.set_num_threads(args.threads)
-    if args.suite == "demo":
-        demo_questions(args.out)  # before any worker starts: they all read the same files
+    if SUITES[args.suite].validation:
+        suite_questions(args)  # before any worker starts: they all read the same files
     failures = run_steps(args, plan(args.methods, args.seeds, args.tune_plan,
                                     premise_methods(args.methods) if args.premises else ()))
     if failures:

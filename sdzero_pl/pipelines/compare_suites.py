@@ -4,12 +4,16 @@ a new :class:`Suite` here (and, for tuning and premises, a validation split its 
 
 from __future__ import annotations
 
+import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from sdzero_pl.pipelines import demo
 from sdzero_pl.pipelines.compare_plan import METHODS
 from sdzero_pl.pipelines.tuning import Axis, axis
+from sdzero_pl.tasks import chain
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DATA_DIRS = {"srt": "srt_data", "rft": "rft_data", "grpo": "grpo_data"}  # methods whose data module writes files
@@ -48,9 +52,9 @@ DEMO_GRIDS = {
 SUITES = {
     "demo": Suite("checkpoints/tiny-arith", 4, {m: (CONFIGS / "demo" / f"{m}.yaml", ()) for m in METHODS[1:]},
                   CONFIGS / "demo" / "eval.yaml", DEMO_GRIDS, validation=True),
-    "demo_chain": Suite(  # its question files first: python -m sdzero_pl.tasks.chain --demo-data runs/demo_chain/data
+    "demo_chain": Suite(  # the demo's configs, grids and splits on the chain task (<out>/data: tasks.chain)
         "checkpoints/tiny-chain", 4, {m: (CONFIGS / "demo_chain" / f"{m}.yaml", ()) for m in METHODS[1:]},
-        CONFIGS / "demo_chain" / "eval.yaml"),
+        CONFIGS / "demo_chain" / "eval.yaml", DEMO_GRIDS, validation=True),
     "qwen": Suite("Qwen/Qwen3-4B-Instruct-2507", 8, {
         "rft": (CONFIGS / "qwen_rft.yaml", ()), "grpo": (CONFIGS / "qwen_grpo.yaml", ()),
         "sdft": (CONFIGS / "qwen_sdft.yaml", ()),
@@ -58,3 +62,27 @@ SUITES = {
         "srt": (CONFIGS / "qwen_srt.yaml", ()), "sdzero": (CONFIGS / "qwen.yaml", ()),
         "control": (CONFIGS / "qwen_sdzero_control.yaml", ())}, CONFIGS / "eval" / "qwen.yaml"),
 }
+
+
+def demo_questions(out: Path) -> dict[str, Path]:
+    """The demo's splits, the validation split (:func:`~sdzero_pl.tasks.arithmetic.generate_validation`: tuning and
+    premises) plus ``train``: phase1 + phase2 shuffled once (seed 0), the baselines' question pool, so any prefix
+    of it mixes both. Existing files are kept (written aside and renamed, as the demo's)."""
+    paths = demo.write_questions(out, {**demo.SPLIT_SIZES, "validation": demo.VALIDATION_SIZE})
+    union = out / "data" / "train.jsonl"
+    if not union.exists():
+        rows = [line for split in ("phase1", "phase2") for line in paths[split].read_text().splitlines() if line]
+        random.Random(0).shuffle(rows)
+        tmp = union.with_name(f"{union.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(rows) + "\n")
+        os.replace(tmp, union)
+    return {**paths, "train": union}
+
+
+def question_files(suite: str, out: Path) -> dict[str, Path]:
+    """The question files of a suite whose data the comparison writes under ``<out>/data`` (the suites with a
+    validation split): the demo's (:func:`demo_questions`) or the chain variant's
+    (:func:`~sdzero_pl.tasks.chain.write_demo_data`); same split names, same sizes."""
+    if suite == "demo_chain":
+        return chain.write_demo_data(out / "data")
+    return demo_questions(out)

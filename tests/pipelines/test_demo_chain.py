@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from sdzero_pl.pipelines import compare, demo
+from sdzero_pl.tasks import chain
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -85,3 +86,28 @@ def test_shipped_chain_model_is_small_and_scores_what_its_training_record_says()
     n = 60
     questions = [Question(p.id, p.problem, p.answer) for p in chain_split("heldout", n, 0)]
     assert_scores_as_recorded(shipped, questions, recorded, max_new_tokens=128)
+
+
+def test_the_demo_chain_suite_writes_chain_questions_and_runs_on_them(tmp_path, monkeypatch):
+    """``compare --suite demo_chain``: the chain's splits under <out>/data (validation too, so tuning and premises
+    run), training and evaluation read them, and the evaluation uses the chain's eval config."""
+    monkeypatch.setattr(chain, "DEMO_SIZES", {"phase1": 4, "phase2": 8, "heldout": 4, "validation": 4})
+    calls = []
+    monkeypatch.setattr(compare.demo, "cli", calls.append)  # training (demo.fit)
+    monkeypatch.setattr(compare.demo, "evaluate",
+                        lambda out, name, model, questions, seed, extra, configs: calls.append((questions, configs)))
+    parser = compare.build_parser()
+    compare.check_args(parser, parser.parse_args(["--suite", "demo_chain", "--tune"]))  # it has what tuning needs
+    args = parser.parse_args(["--suite", "demo_chain", "--out", str(tmp_path)])
+    compare.check_args(parser, args)
+    compare.train(args, 0, "srt")
+    compare.evaluate(args, 0, "base")
+    compare.evaluate(args, 0, "srt", point=0)  # a grid point: the validation split
+    srt, heldout, validation = calls
+    data = tmp_path / "data"
+    assert srt[2] == str(CONFIGS / "demo_chain" / "srt.yaml") and f"--data.questions.dataset={data / 'phase1.jsonl'}" in srt
+    assert "--model.model_name_or_path=checkpoints/tiny-chain" in srt
+    assert heldout == (data / "heldout.jsonl", CONFIGS / "demo_chain") and validation[0] == data / "validation.jsonl"
+    rows = [json.loads(line) for line in (data / "heldout.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[0]["id"] == "chain-heldout-0-0"
+    assert len((data / "train.jsonl").read_text().splitlines()) == 12  # phase1 + phase2, the baselines' pool
