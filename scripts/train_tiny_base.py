@@ -27,7 +27,8 @@ neutral style the tiny model's reviser was worse and SD-Zero could not improve i
 
 The accuracy is checked every ``--eval_every`` steps on validation questions (train split, another seed, minus
 the training questions). The checkpoint kept is the in-band evaluation (``[--band_low, --band_high]``) closest to
-``--target`` (the final model, with a warning, if none was in band); ``--stop_above_band`` ends training once the
+``--target`` (the final model, with a warning, if none was in band; with ``--select_after_rebuilds N`` only evaluations
+after N own-error rebuilds count); ``--stop_above_band`` ends training once the
 band is passed. The kept model is then measured on the held-out split (sampled and greedy, plus a
 generate-then-revise check with the paper's control phrases) and everything is recorded in ``TRAINING.md``.
 
@@ -137,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stop_above_band", action=argparse.BooleanOptionalAction, default=True,
         help="stop once validation accuracy > --band_high",
     )  # fmt: skip
+    g.add_argument("--select_after_rebuilds", type=int, default=0,
+                   help="localized: an evaluation counts for the band (keeping, stopping above it) only after this "
+                        "many own-error rebuilds, so the kept model has trained on its own errors")
     g.add_argument("--max_minutes", type=float, default=25.0, help="stop training after this wall-clock time")
     add_settings_arguments(p.add_argument_group("task difficulty (defaults: --task's settings)"))
     task = p.parse_known_args(argv)[0].task
@@ -302,10 +306,11 @@ def train_loop(
             f"step {step} loss {loss_ema:.4f} val acc {result['accuracy']:.3f} boxed {result['boxed_rate']:.2f} "
             f"ended {result['ended_rate']:.2f} ({wall:.1f} min wall, {cpu:.1f} min cpu)"
         )
-        in_band = args.band_low <= result["accuracy"] <= args.band_high
+        eligible = own is None or len(own.refreshes) >= args.select_after_rebuilds
+        in_band = eligible and args.band_low <= result["accuracy"] <= args.band_high
         if in_band and (kept is None or abs(result["accuracy"] - args.target) <= abs(kept["accuracy"] - args.target)):
             kept = {"step": step, "accuracy": result["accuracy"], "state": copy.deepcopy(model.state_dict())}
-        if result["accuracy"] > args.band_high and args.stop_above_band:
+        if eligible and result["accuracy"] > args.band_high and args.stop_above_band:
             log(f"validation accuracy above {args.band_high}: stopping")
             break
         if out_of_time:

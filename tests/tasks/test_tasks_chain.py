@@ -149,3 +149,59 @@ def test_own_error_retry_examples_balance_the_model_answers(monkeypatch):
         assert target == p.solution
         assert phrase in FEEDBACK_PHRASES[int(is_correct(attempt, p))]
     assert sum(is_correct(a, p) for p, (a, _, _) in examples) == 10
+
+
+def test_the_kept_base_model_has_trained_on_its_own_errors(monkeypatch):
+    """scripts/train_tiny_base.py --select_after_rebuilds: an in-band evaluation before that many own-error
+    rebuilds is neither kept nor a reason to stop above the band (the killed first run of attempt 2 would have kept
+    a model that never saw its own errors)."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
+    for name in ("train_tiny_base", "tiny_base_own_errors", "tiny_base_record"):
+        sys.modules.pop(name, None)
+    import train_tiny_base as script
+
+    from sdzero_pl.core.tiny import build_char_tokenizer
+
+    scripted = {}  # the validation accuracies of the evaluations at steps 2, 4, 6, 8, 10
+
+    def measure(model, tokenizer, problems, args, reward, seed):
+        return {"accuracy": next(scripted["it"]), "boxed_rate": 1.0, "ended_rate": 1.0, "mean_completion_len": 1.0}
+
+    class Own:  # a rebuild at steps 3 and 5 (after the evaluations at 2 and 4); no new examples
+        def __init__(self):
+            self.refreshes = []
+
+        def due(self, step, accuracy):
+            return step in (3, 5)
+
+        def examples(self, model, tokenizer, step):
+            self.refreshes.append({"step": step})
+            return []
+
+    monkeypatch.setattr(script, "measure", measure)
+    tokenizer = build_char_tokenizer()
+    rows = script.encode(tokenizer, chain_split("train", 8, 0))
+
+    def run(accuracies, select_after):
+        scripted["it"] = iter(accuracies)
+        args = script.parse_args([
+            "--task", "chain", "--retry_style", "localized", "--steps", "10", "--eval_every", "2", "--batch_size", "2",
+            "--warmup_steps", "1", "--select_after_rebuilds", str(select_after), "--band_low", "0.3",
+            "--band_high", "0.6", "--target", "0.45", "--hidden_size", "64", "--num_attention_heads", "2",
+            "--num_hidden_layers", "1", "--intermediate_size", "64"])
+        torch.manual_seed(0)
+        history, last, kept = script.train_loop(args, script.build_model(args, tokenizer), tokenizer, rows, rows, [],
+                                                script.Clock(), reward=None, own=Own())
+        return (kept or {}).get("step"), last
+
+    # 0.45 at step 4 (one rebuild) is on target, but the kept model must have had two: step 6; 0.9 at 8 stops
+    assert run([0.1, 0.45, 0.55, 0.9], select_after=2) == (6, 8)
+    assert run([0.1, 0.45, 0.55, 0.9], select_after=0) == (4, 8)
+    # above the band before two rebuilds does not stop training
+    assert run([0.1, 0.9, 0.45, 0.9], select_after=2) == (6, 8)
+    assert run([0.1, 0.9, 0.45, 0.9], select_after=0) == (None, 4)
