@@ -379,6 +379,8 @@ def save(model, tokenizer, args: argparse.Namespace, record: dict, clock: Clock)
     record["size_mb"] = sum(f.stat().st_size for f in tmp.iterdir()) / 1e6
     record["total_wall"], record["total_cpu"] = clock.minutes()
     (tmp / "TRAINING.md").write_text(training_md(args, record))
+    for path in tmp.iterdir():  # safetensors writes 0600; a shipped model is readable by everyone (as export_hf's)
+        path.chmod(0o644)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log(f"saved {out} ({record['size_mb']:.1f} MB) after {record['total_wall']:.1f} min")
