@@ -277,7 +277,7 @@ def train_loop(
     step, loss_ema, accuracy = 0, None, None  # accuracy: the latest validation accuracy
     model.train()
     while step < args.steps:
-        if own is not None and own.due(step, accuracy):  # the localized style: retry attempts from the model's own answers
+        if own is not None and own.due(step, accuracy):  # localized: retry attempts from the model's own answers
             examples = own.examples(model, tokenizer, step)
             if examples:  # none when every answer of the pool was right: the previous examples stay (logged)
                 streams["retry"] = Batches(encode_examples(tokenizer, examples), args.batch_size, args.seed + 1 + step)

@@ -105,7 +105,8 @@ def test_the_demo_chain_suite_writes_chain_questions_and_runs_on_them(tmp_path, 
     compare.evaluate(args, 0, "srt", point=0)  # a grid point: the validation split
     srt, heldout, validation = calls
     data = tmp_path / "data"
-    assert srt[2] == str(CONFIGS / "demo_chain" / "srt.yaml") and f"--data.questions.dataset={data / 'phase1.jsonl'}" in srt
+    assert srt[2] == str(CONFIGS / "demo_chain" / "srt.yaml")
+    assert f"--data.questions.dataset={data / 'phase1.jsonl'}" in srt
     assert "--model.model_name_or_path=checkpoints/tiny-chain" in srt
     assert heldout == (data / "heldout.jsonl", CONFIGS / "demo_chain") and validation[0] == data / "validation.jsonl"
     rows = [json.loads(line) for line in (data / "heldout.jsonl").read_text().splitlines()]
