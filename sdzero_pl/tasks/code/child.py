@@ -125,3 +125,23 @@ def _init(program: int) -> None:
 
 def _exit_code(status: int) -> int:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+# --------------------------------------------------------- RLIMIT_NPROC (computed in the parent, set in the child)
+def nproc_counts_per_user_namespace() -> bool:
+    # Linux >= 5.14 counts RLIMIT_NPROC per user namespace, so a new one starts from zero.
+    release = tuple(int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
+    return release >= (5, 14)
+
+
+def plain_nproc(limits: Limits) -> int:
+    # Without a uid of its own the program shares RLIMIT_NPROC's count with every task of our uid.
+    uid, tasks = os.getuid(), 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    tasks += len(os.listdir(f"/proc/{entry.name}/task"))
+            except OSError:
+                continue
+    return tasks + limits.max_processes

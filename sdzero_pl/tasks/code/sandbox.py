@@ -5,10 +5,9 @@ open files, no core dumps), a scrubbed environment, stdin from a file, and stdou
 allows, more holds (see :class:`Protections` and docs/code_verifier.md):
 
 - namespaces (root, or a user namespace when not root, with our own uid and gid mapped into it): each run gets new
-  mount, network, IPC and PID namespaces.
-  No network (only a loopback that is down); the program cannot see or signal any process outside its run, and
-  everything it starts dies with it (the PID namespace's init is killed). Runs as ``launcher -> init -> program``:
-  the launcher stays in the host's PID namespace to report the exit status and to kill ``init`` on SIGTERM.
+  mount, network, IPC and PID namespaces. No network (only a loopback that is down); the program cannot see or
+  signal any process outside its run, and everything it starts dies with it (``launcher -> init -> program``,
+  :mod:`sdzero_pl.tasks.code.child`: the PID namespace's init is killed).
 - private scratch: a size-capped tmpfs over /tmp, /var/tmp, /dev/shm and /run/lock, which is also the program's
   cwd; files written there vanish with the run and cannot fill the disk or RAM past ``scratch_mb``.
 - private /proc: a /proc that lists only the run's own processes.
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sdzero_pl.tasks.code import mounts
-from sdzero_pl.tasks.code.child import preexec_fn
+from sdzero_pl.tasks.code.child import nproc_counts_per_user_namespace, plain_nproc, preexec_fn
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +249,8 @@ class Sandbox:
         home = SCRATCH if prot.private_scratch or prot.uid_switch else str(self.dir)
         env = {"PATH": _PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home, "TMPDIR": home,
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        own_count = prot.uid_switch or (prot.user_namespace and _nproc_counts_per_user_namespace())
-        nproc = limits.max_processes if own_count else _plain_nproc(limits)
+        own_count = prot.uid_switch or (prot.user_namespace and nproc_counts_per_user_namespace())
+        nproc = limits.max_processes if own_count else plain_nproc(limits)
         layout = self._layout(limits, export_fd, export_dir) if prot.private_scratch else None
         preexec = preexec_fn(prot, limits, nproc, self.uid, layout, SCRATCH if prot.private_scratch else None)
         with tempfile.TemporaryFile(dir=self.rt.base_dir) as stdin_file:
@@ -287,25 +286,6 @@ class Sandbox:
 
 class ExportMissing(RuntimeError):
     """The run exited cleanly but did not leave the file it was to export (a compiler that wrote nothing)."""
-
-
-def _nproc_counts_per_user_namespace() -> bool:
-    # Linux >= 5.14 counts RLIMIT_NPROC per user namespace, so a new one starts from zero.
-    release = tuple(int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
-    return release >= (5, 14)
-
-
-def _plain_nproc(limits: Limits) -> int:
-    # Without a uid of its own the program shares RLIMIT_NPROC's count with every task of our uid.
-    uid, tasks = os.getuid(), 0
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if entry.stat().st_uid == uid:
-                    tasks += len(os.listdir(f"/proc/{entry.name}/task"))
-            except OSError:
-                continue
-    return tasks + limits.max_processes
 
 
 def _sweep_uid(uid: int, shared_dirs: Sequence[str], timeout_s: float = 30.0) -> None:
@@ -416,7 +396,6 @@ def _stop(proc: subprocess.Popen, namespaced: bool) -> None:
     proc.stdout.close()
 
 
-# ------------------------------------------------------------------------------------------------------ probe
 
 
 def _probe(rt: SandboxRuntime) -> Protections:
