@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import traceback
@@ -58,6 +59,7 @@ import torch
 
 from sdzero_pl.cli import main as cli
 from sdzero_pl.core.artifacts import atomic_write_json, atomic_write_text, is_complete
+from sdzero_pl.data.records import read_trace_file
 from sdzero_pl.evaluation.stats import mean_std, paired_comparison, question_accuracy
 from sdzero_pl.evaluation.tables import comparison_table, json_safe
 from sdzero_pl.pipelines import demo, scheduler, tuning
@@ -161,6 +163,8 @@ def tuning_summary(args: argparse.Namespace) -> dict:
                        "chosen": tuning.choose(points, scores), "rule": tuning.TIE_RULE,
                        "points": [{"setting": str(p), "flags": list(p.flags), "distance": p.distance, "score": s}
                                   for p, s in zip(points, scores)]}
+        if method in START:  # every grid point trained from the start method's chosen grid point
+            out[method]["start"] = {"method": START[method], "setting": str(chosen(args, START[method]))}
     return out
 
 
@@ -172,6 +176,33 @@ def recorded_setting(args: argparse.Namespace, seed: int, method: str) -> str | 
     """The tuned setting a final run was trained with (``<run>/setting.json``), None when it has none."""
     path = run_dir(args, seed, method) / "setting.json"
     return json.loads(path.read_text())["setting"] if path.exists() else None
+
+
+# Methods that collect their data from the base model before any weight changes (records file in their DATA_DIRS
+# folder): the grid's axes (learning rate, epochs) do not enter the collection, so every grid point's is the same.
+SHARED_COLLECTIONS = {"srt": "traces.jsonl", "rft": "samples.jsonl"}
+
+
+def share_collection(args: argparse.Namespace, seed: int, method: str, point: int) -> None:
+    """Start grid point ``point`` from an earlier grid point's finished collection instead of sampling it again
+    (byte-identical: a collection's samples depend only on its settings and seed). Only when no grid flag is a
+    ``--data.`` flag; the data module still checks the copied header's settings. Copied aside, then renamed."""
+    name = SHARED_COLLECTIONS.get(method)
+    if name is None or START.get(method) or any(f.startswith("--data.") for f in setting_flags(args, method, point)):
+        return
+    target = run_dir(args, seed, method, point) / DATA_DIRS[method] / name
+    if target.exists():
+        return
+    for other in range(point):
+        source = run_dir(args, seed, method, other) / DATA_DIRS[method] / name
+        if source.is_file() and read_trace_file(source).finished is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{name}.{os.getpid()}.tmp")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+            print(f"{method} grid point {point}: the finished collection of grid point {other} reused ({source})",
+                  flush=True)
+            return
 
 
 def train(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> None:
@@ -195,6 +226,8 @@ def train(args: argparse.Namespace, seed: int, method: str, point: int | None = 
         extra = [f"--data.questions.dataset={suite_questions(args)[DATASET.get(method, 'train')]}", *extra]
     config, fixed = SUITES[args.suite].configs[method]
     directory = run_dir(args, seed, method, point)
+    if point is not None:
+        share_collection(args, seed, method, point)
     data_dir = [f"--data.output_dir={directory / DATA_DIRS[method]}"] if method in DATA_DIRS else []
     demo.fit(config, directory, start, seed, [*fixed, *data_dir, *extra])
 

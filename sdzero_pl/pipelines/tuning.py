@@ -108,10 +108,12 @@ def tuning_table(tuning: dict, k: int, labels: dict[str, str]) -> str:
     lines = ["", f"Tuning (validation split, {first['questions']} questions, seed {first['seed']}, {k} samples each; "
              f"{TIE_RULE}):", "", f"| method | setting | validation avg@{k} | |", "|---|---|---|---|"]
     for method, record in tuning.items():
+        start = record.get("start")  # the model every grid point was trained from, when another method's
+        label = labels[method] + (f" (from {labels[start['method']]} {start['setting']})" if start else "")
         for i, point in enumerate(record["points"]):
             score = f"{100 * point['score']:.1f}"
             chosen = i == record["chosen"]
             tags = ", ".join(t for t, on in (("chosen", chosen), ("shipped", point["distance"] == 0)) if on)
             setting = f"**{point['setting']}**" if chosen else point["setting"]
-            lines.append(f"| {labels[method] if i == 0 else ''} | {setting} | {score} | {tags} |")
+            lines.append(f"| {label if i == 0 else ''} | {setting} | {score} | {tags} |")
     return "\n".join(lines) + "\n"

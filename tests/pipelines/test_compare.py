@@ -168,6 +168,14 @@ def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp
     start = yaml.safe_load(configs[0].read_text())["model"]["init_args"]["model_name_or_path"]
     assert start == str(tmp_path / "tune" / "seed7" / "srt" / f"p{best}" / "hf_model")
     assert "probe" in json.loads((tmp_path / "seed0" / "srt" / "premise" / "premise.json").read_text())["measured"]
+    # SRT's second grid point reused the first one's finished traces (same settings, same seed), and its data
+    # module accepted them: the same budget, recomputed from the file
+    srt_grid = tmp_path / "tune" / "seed7" / "srt"
+    for name in ("traces.jsonl", "budget.json"):
+        assert (srt_grid / "p1" / "srt_data" / name).read_bytes() == (srt_grid / "p0" / "srt_data" / name).read_bytes()
+    assert "srt grid point 1: the finished collection of grid point 0 reused" in (
+        tmp_path / "tune" / "seed7" / "srt-p1.log").read_text()
+    assert "the finished collection of grid point" not in (tmp_path / "tune" / "seed7" / "srt-p0.log").read_text()
 
     # fixed: only RFT's steps run again (2 grid points trained and validated, then 2 seeds trained and evaluated)
     assert compare.main([*argv, "--rft-arg=--data.questions.num_questions=4"]) == 0
@@ -178,8 +186,9 @@ def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp
     saved = json.loads((tmp_path / "comparison.json").read_text())
     rows = saved["rows"]
     assert list(rows) == ["base", "rft", "srt", "sdzero"]
+    results = table.split("Tuning (validation split")[0]  # the results table, without the tuning table below it
     for label in ("base", "RFT", "SRT (Phase 1)", "SD-Zero"):
-        assert f"| {label} |" in table
+        assert f"| {label} |" in results or f"| {label} (premise fails) |" in results
     assert "| p (seeds x questions) | p (seed means) | p (questions) |" in table and "reference" in table
     assert "95% interval (seeds x questions)" in table and "ci_low" in rows["rft"]["vs_sdzero"]
     assert rows["base"]["generations"]["mean"] == 0
@@ -204,6 +213,11 @@ def test_shortened_comparison_reports_a_failure_resumes_and_writes_the_table(tmp
         assert record["seed"] == 7 and record["questions"] == 8 and 0 <= record["points"][0]["score"] <= 1
         assert rows[method]["setting"] == record["points"][record["chosen"]]["setting"]
     assert saved["tuning"]["srt"]["chosen"] == best and rows["base"]["setting"] is None
+    srt_setting = saved["tuning"]["srt"]["points"][best]["setting"]
+    assert saved["tuning"]["sdzero"]["start"] == {"method": "srt", "setting": srt_setting}
+    assert "start" not in saved["tuning"]["rft"] and f"| SD-Zero (from SRT (Phase 1) {srt_setting}) |" in table
+    assert "rft grid point 1: the finished collection of grid point 0 reused" in (
+        tmp_path / "tune" / "seed7" / "rft-p1.log").read_text()
     assert "| setting (chosen on validation) | premise check |" in table and "Tuning (validation split" in table
     # premises: SD-Zero's measured by the probe of each seed's SRT model; the stated ones say so
     premise = rows["sdzero"]["premise"]
@@ -238,3 +252,25 @@ def test_parallel_workers_run_steps_in_their_own_processes_and_logs(tmp_path, mo
     assert "n/a" in (tmp_path / "comparison.md").read_text()  # no SD-Zero row: no paired test
     for seed in (0, 1):
         assert (tmp_path / f"seed{seed}" / "base.log").stat().st_size > 0
+
+
+def test_a_grid_point_reuses_only_a_finished_collection_and_never_across_data_flags(tmp_path, monkeypatch):
+    args = compare.build_parser().parse_args(["--out", str(tmp_path), "--tune", "--tune-shape", "2x1"])
+    args.tune_shape = compare.tuning.parse_shape("2x1")
+    header = json.dumps({"kind": "header", "version": 1, "method": "rft", "settings": {"seed": 1}}) + "\n"
+    chunk = json.dumps({"kind": "chunk", "chunk": 0}) + "\n"
+    source = compare.run_dir(args, 7, "rft", 0) / "rft_data" / "samples.jsonl"
+    source.parent.mkdir(parents=True)
+    source.write_text(header + chunk)  # interrupted: no `finished` line
+    target = compare.run_dir(args, 7, "rft", 1) / "rft_data" / "samples.jsonl"
+    compare.share_collection(args, 7, "rft", 1)
+    assert not target.exists()
+    source.write_text(header + chunk + json.dumps({"kind": "finished", "questions": 1, "kept": 0}) + "\n")
+    compare.share_collection(args, 7, "sdzero", 1)  # no collection of its own (Phase 2 samples on-policy)
+    assert not (compare.run_dir(args, 7, "sdzero", 1) / "rft_data").exists()
+    monkeypatch.setattr(compare, "setting_flags", lambda *a: ["--data.samples_per_question=8"])
+    compare.share_collection(args, 7, "rft", 1)  # a grid axis that changes the data: collected again
+    assert not target.exists()
+    monkeypatch.undo()
+    compare.share_collection(args, 7, "rft", 1)
+    assert target.read_bytes() == source.read_bytes() and not list(target.parent.glob("*.tmp"))
