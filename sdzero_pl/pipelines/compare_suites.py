@@ -29,9 +29,15 @@ class Suite:
     validation: bool = False  # its task writes a validation split (``<out>/data/validation.jsonl``): tuning, premises
 
 
-def _phase2_steps(epochs: Sequence[int], steps_per_epoch: int = 4) -> Axis:
-    """Phase-2 length as optimizer steps (the configs' 64 prompts / batch 16 = 4 per epoch), set by max_epochs."""
-    return Axis("steps", tuple((str(e * steps_per_epoch), (f"--trainer.max_epochs={e}",)) for e in epochs), 1)
+def _phase2_steps(epochs: Sequence[int], steps_per_epoch: int = 4, pass_epochs: int | None = None) -> Axis:
+    """Phase-2 length as optimizer steps (the configs' 64 prompts / batch 16 = 4 per epoch), set by max_epochs. A
+    point longer than one pass over the question pool (``pass_epochs``; SD-Zero's: the demo's 1,024 phase-2 questions
+    / 64 per epoch) cycles through it (``--data.reuse_questions=true``; the data module refuses to otherwise). SDFT's
+    configs cycle already."""
+    def flags(e: int) -> tuple[str, ...]:
+        cycles = pass_epochs is not None and e > pass_epochs
+        return (f"--trainer.max_epochs={e}", *(("--data.reuse_questions=true",) if cycles else ()))
+    return Axis("steps", tuple((str(e * steps_per_epoch), flags(e)) for e in epochs), 1)
 
 
 # The demo's grids: centred on configs/demo/*.yaml (the centre is the shipped setting), x0.5 / x2 in learning rate.
@@ -45,8 +51,8 @@ DEMO_GRIDS = {
     "sdft": (axis("lr", LR, [1.5e-5, 3e-5, 6e-5]), _phase2_steps([24, 48, 72])),
     "sdft_answer": (axis("lr", LR, [1.5e-5, 3e-5, 6e-5]), _phase2_steps([24, 48, 72])),
     "srt": (axis("lr", LR, [5e-5, 1e-4, 2e-4]), axis("epochs", "--trainer.max_epochs", [3, 6, 9])),
-    "sdzero": (axis("lr", LR, [1.5e-5, 3e-5, 6e-5]), _phase2_steps([8, 16, 24])),
-    "control": (axis("lr", LR, [1.5e-5, 3e-5, 6e-5]), _phase2_steps([8, 16, 24])),
+    "sdzero": (axis("lr", LR, [1.5e-5, 3e-5, 6e-5]), _phase2_steps([8, 16, 24], pass_epochs=16)),
+    "control": (axis("lr", LR, [1.5e-5, 3e-5, 6e-5]), _phase2_steps([8, 16, 24], pass_epochs=16)),
 }
 
 SUITES = {
