@@ -71,15 +71,15 @@ def test_demo_grids_are_centred_on_the_shipped_configs(method):
 def test_every_demo_grid_point_fits_its_question_pool_or_cycles_through_it(method):
     # the 96-step Phase-2 point needs 1,536 prompts from 1,024 phase-2 questions: it must say it cycles, or its data
     # module refuses to start (as the first full `--tune` run found)
-    data = yaml.safe_load((DEMO / f"{method}.yaml").read_text())["data"]["init_args"]
+    config = yaml.safe_load((DEMO / f"{method}.yaml").read_text())
+    data = config["data"]["init_args"]
     if "prompts_per_epoch" not in data:  # RFT, SRT: one offline collection, no per-epoch draw
         return
     split = compare.DATASET.get(method)
     pool = demo.SPLIT_SIZES[split] if split else demo.SPLIT_SIZES["phase1"] + demo.SPLIT_SIZES["phase2"]
     for point in tuning.points(compare.DEMO_GRIDS[method]):
         flags = dict(flag.split("=") for flag in point.flags)
-        epochs = int(flags.get("--trainer.max_epochs", yaml.safe_load((DEMO / f"{method}.yaml").read_text())
-                               ["trainer"]["max_epochs"]))
+        epochs = int(flags.get("--trainer.max_epochs", config["trainer"]["max_epochs"]))
         reuse = flags.get("--data.reuse_questions") == "true" or data.get("reuse_questions", False)
         check_question_pool(pool, data["prompts_per_epoch"], epochs, method, str(point), reuse)
 
