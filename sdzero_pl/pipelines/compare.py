@@ -64,7 +64,8 @@ from sdzero_pl.evaluation.stats import mean_std, paired_comparison, question_acc
 from sdzero_pl.evaluation.tables import comparison_table, json_safe
 from sdzero_pl.pipelines import demo, scheduler, tuning
 from sdzero_pl.pipelines.compare_plan import (
-    KIND_OF_PREMISE, KINDS, LABELS, METHODS, REFERENCE, START, Step, TunePlan, needs, plan
+    KIND_OF_PREMISE, KINDS, LABELS, METHODS, REFERENCE, START, Step, TunePlan, eval_dir, export_dir, log_path, needs,
+    plan, premise_dir, run_dir, sample_files
 )
 from sdzero_pl.pipelines.compare_premises import premise_methods, premise_verdicts, run_premise
 from sdzero_pl.pipelines.compare_suites import CONFIGS, DATA_DIRS, DEMO_GRIDS, SUITES, Suite, question_files
@@ -72,39 +73,6 @@ from sdzero_pl.pipelines.scheduler import redirected
 
 __all__ = ["CONFIGS", "DEMO_GRIDS", "KINDS", "KIND_OF_PREMISE", "LABELS", "METHODS", "REFERENCE", "START", "SUITES",
            "Step", "Suite", "TunePlan", "needs", "plan", "main"]
-
-
-def seed_dir(args: argparse.Namespace, seed: int) -> Path:
-    return args.out / f"seed{seed}"
-
-
-def run_dir(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> Path:
-    """``<out>/seed<s>/<method>``; a grid point: ``<out>/tune/seed<s>/<method>/p<i>``."""
-    if point is None:
-        return seed_dir(args, seed) / method
-    return args.out / "tune" / f"seed{seed}" / method / f"p{point}"
-
-
-def export_dir(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> Path:
-    return run_dir(args, seed, method, point) / "hf_model"
-
-
-def eval_dir(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> Path:
-    return run_dir(args, seed, method, point) / "eval" / ("heldout" if point is None else "validation")
-
-
-def premise_dir(args: argparse.Namespace, seed: int, method: str) -> Path:
-    return run_dir(args, seed, method) / "premise"
-
-
-def log_path(args: argparse.Namespace, step: Step) -> Path:
-    if step.point is not None:
-        return run_dir(args, step.seed, step.method, step.point).parent.parent / f"{step.method}-p{step.point}.log"
-    return seed_dir(args, step.seed) / f"{step.method}{'-premise' if step.kind == 'premise' else ''}.log"
-
-
-def sample_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("samples_val_rank*.jsonl"))
 
 
 def finished(args: argparse.Namespace, step: Step) -> bool:

@@ -1,9 +1,11 @@
-"""What the comparison runs, in which order, and what each step waits on (pure planning; the steps themselves are
-:mod:`sdzero_pl.pipelines.compare`'s)."""
+"""What the comparison runs, in which order, what each step waits on and where it writes (pure planning and
+layout; the steps themselves are :mod:`sdzero_pl.pipelines.compare`'s)."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 METHODS = ("base", "rft", "grpo", "sdft", "sdft_answer", "srt", "sdzero", "control")
@@ -75,3 +77,37 @@ def needs(step: Step, tune: TunePlan | None = None) -> list[Step]:
     if step.point is not None:
         return _grid_evals(tune, start) if start else []
     return ([Step(step.seed, start, "train")] if start else []) + _grid_evals(tune, step.method)
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+def seed_dir(args: argparse.Namespace, seed: int) -> Path:
+    return args.out / f"seed{seed}"
+
+
+def run_dir(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> Path:
+    """``<out>/seed<s>/<method>``; a grid point: ``<out>/tune/seed<s>/<method>/p<i>``."""
+    if point is None:
+        return seed_dir(args, seed) / method
+    return args.out / "tune" / f"seed{seed}" / method / f"p{point}"
+
+
+def export_dir(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> Path:
+    return run_dir(args, seed, method, point) / "hf_model"
+
+
+def eval_dir(args: argparse.Namespace, seed: int, method: str, point: int | None = None) -> Path:
+    return run_dir(args, seed, method, point) / "eval" / ("heldout" if point is None else "validation")
+
+
+def premise_dir(args: argparse.Namespace, seed: int, method: str) -> Path:
+    return run_dir(args, seed, method) / "premise"
+
+
+def log_path(args: argparse.Namespace, step: Step) -> Path:
+    if step.point is not None:
+        return run_dir(args, step.seed, step.method, step.point).parent.parent / f"{step.method}-p{step.point}.log"
+    return seed_dir(args, step.seed) / f"{step.method}{'-premise' if step.kind == 'premise' else ''}.log"
+
+
+def sample_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("samples_val_rank*.jsonl"))
